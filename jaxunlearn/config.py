@@ -1,0 +1,329 @@
+"""Typed run configuration: dataclasses, YAML loading, `key=value` overrides, saving.
+
+A run is described by one `RunConfig` composed of sections:
+
+  model       ModelSpec       which network (HF folder or named preset) and its dtypes
+  data        DataSpec        benchmark, source, forget split, lengths, prompt format
+  train       TrainSpec       optimiser, schedule, batch size, accumulation, seed, clipping
+  mesh        MeshSpec        device mesh shape (data, fsdp, tensor)
+  mox         MoxSpec         objective name + its hyper-parameters, extrapolation alpha/eta
+  checkpoint  CheckpointSpec  how many checkpoints to keep and how often to save
+
+Public functions:
+  load_config(path_or_None, overrides) -> RunConfig
+  from_dict(d, where="config") -> RunConfig       (strict: unknown keys and wrong types raise)
+  apply_overrides(cfg, ["train.lr=1e-4", ...]) -> RunConfig
+  to_dict(cfg) -> plain dict (YAML/JSON-safe);  save_yaml(cfg, path)
+
+Every error is a `ConfigError` (a ValueError) whose one-line message names the file or
+override and the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed: the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network to train. `hf_folder` wins over `preset` when both are set."""
+
+    preset: str = "tiny-llama"  # a ModelConfig.preset name, used for random initialisation
+    hf_folder: Optional[str] = None  # a Hugging Face folder (config.json + safetensors)
+    dtype: str = "float32"  # compute dtype ("float32" | "bfloat16")
+    param_dtype: str = "float32"  # storage dtype of the trainable parameters
+    init_seed: int = 0  # seed of the random initialisation (preset only)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which benchmark and how to tokenise it."""
+
+    benchmark: str = "synthetic"  # "synthetic" | "tofu" | "muse"
+    source: Optional[str] = None  # local folder of data files; None = the hub / built-in generator
+    forget_split: str = "forget10"
+    max_len: int = 128
+    buckets: tuple[int, ...] = (64, 128)  # static padded lengths (sorted, last == max_len)
+    prompt_format: Optional[str] = None  # None = pick from the tokenizer / model family
+    tokenizer: Optional[str] = None  # tokenizer folder; None = the model's folder or the synthetic one
+    target: Optional[str] = None  # targeted variant: split with target answers (e.g. "idontknow")
+    synthetic_seed: int = 0
+    synthetic_entities: int = 20
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """AdamW with linear warm-up then linear decay to zero (the paper's schedule)."""
+
+    lr: float = 1e-5
+    epochs: int = 10
+    max_steps: Optional[int] = None  # cap on optimiser steps (None = epochs * steps_per_epoch)
+    batch_size: int = 32  # global batch size of one micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0  # warm-up length in epochs (the paper: the first epoch)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: Optional[float] = None  # global gradient-norm clipping; None = off
+    seed: int = 0  # data order (and any RNG the objective uses)
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """Device mesh shape; -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class MoxSpec:
+    """Unlearning objective and extrapolation settings."""
+
+    objective: str = "mox"  # a key of jaxunlearn.objectives.OBJECTIVES
+    retain_weight: float = 1.0
+    beta: float = 0.1  # NPO temperature (mox_npo, npo baselines)
+    target_weight: float = 1.0  # weight of the subtracted target NLL (mox_targeted)
+    alpha: float = 4.0
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # sweep
+    rule: str = "linear"  # a key of jaxunlearn.extrapolate.RULES
+    momentum: bool = False  # on-the-fly extrapolation with momentum during memorisation
+    eta: float = 0.675
+    momentum_every: int = 0  # optimiser steps between momentum updates; 0 = once per epoch
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    keep: int = 3  # keep the last N memorised checkpoints
+    save_every: int = 100  # optimiser steps between saves (a final save always happens)
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    mesh: MeshSpec = field(default_factory=MeshSpec)
+    mox: MoxSpec = field(default_factory=MoxSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    run_dir: Optional[str] = None
+    method: str = "mox"  # "mox" or a baseline name; "finetune" for reference training
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against annotation `tp`; return it normalised (tuples, floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if _is_dataclass_type(tp):
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _build(cls, data: Any, where: str):
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{where}.{key}: unknown key (known: {known})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    cfg = cls(**kwargs)
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg, where: str) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    if isinstance(cfg, DataSpec):
+        if cfg.benchmark not in ("synthetic", "tofu", "muse"):
+            raise ConfigError(f"{where}.benchmark: expected synthetic|tofu|muse, got {cfg.benchmark!r}")
+        if not cfg.buckets or list(cfg.buckets) != sorted(cfg.buckets) or cfg.buckets[-1] != cfg.max_len:
+            raise ConfigError(f"{where}.buckets: must be increasing and end at max_len={cfg.max_len}, got {list(cfg.buckets)}")
+    if isinstance(cfg, TrainSpec):
+        for name in ("batch_size", "grad_accum", "epochs"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(cfg, name)}")
+        if cfg.lr < 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0:
+            raise ConfigError(f"{where}: lr, weight_decay and warmup_epochs must be >= 0")
+        if cfg.max_steps is not None and cfg.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps: must be >= 1, got {cfg.max_steps}")
+    if isinstance(cfg, MeshSpec):
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(cfg, name)
+            if v == 0 or v < -1:
+                raise ConfigError(f"{where}.{name}: must be a positive size or -1, got {v}")
+        if [cfg.data, cfg.fsdp, cfg.tensor].count(-1) > 1:
+            raise ConfigError(f"{where}: at most one mesh axis may be -1")
+    if isinstance(cfg, MoxSpec):
+        if not 0.0 <= cfg.eta <= 1.0:
+            raise ConfigError(f"{where}.eta: must be in [0, 1], got {cfg.eta}")
+        if cfg.momentum_every < 0:
+            raise ConfigError(f"{where}.momentum_every: must be >= 0, got {cfg.momentum_every}")
+    if isinstance(cfg, CheckpointSpec):
+        if cfg.keep < 1 or cfg.save_every < 1:
+            raise ConfigError(f"{where}: keep and save_every must be >= 1")
+
+
+# ---------------------------------------------------------------- public API
+
+
+def from_dict(data: dict | None, where: str = "config") -> RunConfig:
+    """Build a RunConfig from nested plain data (missing keys take their defaults)."""
+    return _build(RunConfig, data, where)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (lists instead of tuples) of a config dataclass."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split "a.b=value" into (["a", "b"], parsed value); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """Return a copy of `cfg` with each "dotted.key=value" applied, type-checked."""
+    data = to_dict(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        node, cls = data, RunConfig
+        for i, part in enumerate(path):
+            hints = _hints(cls)
+            dotted = ".".join(path[: i + 1])
+            if part not in hints:
+                known = ", ".join(sorted(hints))
+                raise ConfigError(f"override {text!r}: unknown key {dotted!r} (known here: {known})")
+            if i == len(path) - 1:
+                try:
+                    node[part] = to_dict(_coerce(value, hints[part], dotted))
+                except ConfigError as e:
+                    raise ConfigError(f"override {text!r}: {e}") from None
+            else:
+                if not _is_dataclass_type(hints[part]):
+                    raise ConfigError(f"override {text!r}: {dotted!r} is not a section")
+                node, cls = node[part], hints[part]
+    try:
+        return from_dict(data, where="config")
+    except ConfigError as e:
+        raise ConfigError(f"after overrides {list(overrides)}: {e}") from None
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (or start from defaults when `path` is None) and apply overrides."""
+    if path is None:
+        cfg = RunConfig()
+    else:
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        cfg = from_dict(data, where=str(p))
+    return apply_overrides(cfg, overrides)
+
+
+def save_yaml(cfg, path: str | pathlib.Path) -> None:
+    """Write the resolved config as YAML (readable back with load_config)."""
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,69 @@
+"""Config: YAML loading, typed overrides, clear errors, round trip through save_yaml."""
+
+import pytest
+import yaml
+
+from jaxunlearn.config import ConfigError, RunConfig, load_config, save_yaml, to_dict
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.lr=3e-4", "mesh.fsdp=2", "mox.momentum=true", "data.buckets=[32, 64, 128]",
+                             "model.hf_folder=/tmp/x", "mox.alphas=[1, 2]", "train.clip_norm=1"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.mesh.fsdp == 2 and cfg.mox.momentum is True
+    assert cfg.data.buckets == (32, 64, 128)
+    assert cfg.mox.alphas == (1.0, 2.0) and all(isinstance(a, float) for a in cfg.mox.alphas)
+    assert cfg.train.clip_norm == 1.0 and cfg.model.hf_folder == "/tmp/x"
+    # untouched fields keep their defaults
+    assert cfg.train.weight_decay == RunConfig().train.weight_decay
+    # null resets an optional field
+    assert load_config(None, ["model.hf_folder=/a", "model.hf_folder=null"]).model.hf_folder is None
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lr=fast", ["train.lr", "number", "fast"]),
+        ("train.batch_size=2.5", ["train.batch_size", "integer"]),
+        ("train.nope=1", ["unknown key", "train.nope"]),
+        ("nosection.x=1", ["unknown key", "nosection"]),
+        ("train.lr.x=1", ["train.lr", "not a section"]),
+        ("mox.momentum=maybe", ["mox.momentum", "true/false"]),
+        ("train.lr", ["key=value"]),
+        ("data.benchmark=imagenet", ["benchmark", "imagenet"]),
+        ("data.max_len=100", ["buckets", "max_len=100"]),
+        ("mesh.data=0", ["mesh.data"]),
+        ("mox.eta=1.5", ["eta"]),
+        ("train.batch_size=0", ["batch_size"]),
+    ],
+)
+def test_override_errors_name_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_yaml_roundtrip_and_file_errors(tmp_path):
+    cfg = load_config(None, ["train.lr=2e-5", "mox.alpha=8", "run_dir=runs/a"])
+    path = tmp_path / "run.yaml"
+    save_yaml(cfg, path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text()) == to_dict(cfg)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1e-5\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml\.train\.epoch: unknown key"):
+        load_config(bad)
+    bad.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml\.train: expected a mapping"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    # overrides apply on top of the file
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  lr: 1.0e-5\n  epochs: 3\n")
+    cfg = load_config(good, ["train.epochs=4"])
+    assert cfg.train.epochs == 4 and cfg.train.lr == pytest.approx(1e-5)
