@@ -1,0 +1,476 @@
+"""Run directories and Orbax checkpoints for reference, memorised and forget parameters.
+
+Layout of a run directory RUN:
+  RUN/config.yaml             resolved configuration of the run
+  RUN/reference/params/       Orbax checkpoint of the reference parameters (written once)
+  RUN/reference/meta.json     content hash of those parameters; written last, so its
+                              presence marks the reference as complete
+  RUN/memorized/<step>/       Orbax CheckpointManager steps: items "params", "opt_state",
+                              "rng" (key data) and "position" (JSON: step, epoch, ...)
+  RUN/forget/<name>/          forget parameters, one folder per alpha (and eta), with
+                              meta.json holding alpha, eta, source step and content hash
+  RUN/metrics.jsonl           one JSON object per line, appended
+
+Writes of the reference and forget folders go to a hidden temporary folder that is renamed
+into place only once complete; a leftover temporary folder (after a crash) is ignored and
+removed by the next write. The memorised steps rely on Orbax's own temporary-folder +
+finalise protocol, and a step is listed only once finalised.
+
+Parameters are any pytree of jax arrays (e.g. an `nnx.State` of `nnx.Param`). Restores take an
+abstract target (`abstract_tree`) whose leaves carry the shardings wanted now, so a checkpoint
+written on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import time
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+REFERENCE_DIR = "reference"
+MEMORIZED_DIR = "memorized"
+FORGET_DIR = "forget"
+META_FILE = "meta.json"
+PARAMS_DIR = "params"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run directory is unusable (bad content, wrong layout)."""
+
+
+class HashMismatchError(CheckpointError):
+    """Parameters do not match the content hash recorded beside them."""
+
+
+class CheckpointExistsError(CheckpointError):
+    """Refused to overwrite an existing reference or forget checkpoint."""
+
+
+class RunNotFoundError(FileNotFoundError):
+    """A run directory, or a checkpoint inside it, does not exist."""
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def canonical_path(path: tuple) -> str:
+    """'a/b/0/kernel' for a pytree key path; a trailing Variable '.value' is dropped."""
+    names = [_key_name(e) for e in path]
+    if names and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        names = names[:-1]
+    return "/".join(names)
+
+
+def _host_array(leaf: Any) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def params_hash(tree: Any) -> str:
+    """sha256 over (path, dtype, shape, bytes) of every leaf, leaves sorted by path.
+
+    Independent of the sharding and of the container classes (nnx.State or plain dicts).
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    digest = hashlib.sha256()
+    for name, leaf in sorted(((canonical_path(p), x) for p, x in leaves), key=lambda t: t[0]):
+        arr = np.ascontiguousarray(_host_array(leaf))
+        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}\n".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def tree_summary(tree: Any) -> dict[str, list]:
+    """{path: [dtype, shape]} of every leaf, for metadata files."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {canonical_path(p): [str(np.dtype(x.dtype)), list(x.shape)] for p, x in leaves}
+
+
+# ----------------------------------------------------------------------------- small files
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    _write_text_atomic(pathlib.Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: pathlib.Path) -> Any:
+    path = pathlib.Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_config(run: str | os.PathLike, config: dict) -> pathlib.Path:
+    """Write the resolved config as RUN/config.yaml (atomically)."""
+    path = pathlib.Path(run) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_primary():
+        _write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def read_config(run: str | os.PathLike) -> dict:
+    path = pathlib.Path(run) / CONFIG_FILE
+    if not path.exists():
+        raise RunNotFoundError(f"{path}: no config in run directory")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a mapping at top level")
+    return data
+
+
+def append_metrics(run: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line to RUN/metrics.jsonl (numbers converted to plain floats/ints)."""
+    if not is_primary():
+        return
+    clean = {k: _plain(v) for k, v in record.items()}
+    path = pathlib.Path(run) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(clean, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict]:
+    path = pathlib.Path(run) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+        v = np.asarray(v)
+        return v.item() if v.size == 1 else v.tolist()
+    return v
+
+
+def require_run(run: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(run)
+    if not path.is_dir():
+        raise RunNotFoundError(f"{path}: run directory does not exist")
+    return path
+
+
+# ----------------------------------------------------------------------------- abstract targets
+
+
+def abstract_tree(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs for `tree` (arrays or ShapeDtypeStructs) carrying `shardings`.
+
+    `shardings` is a pytree of the same structure or a single sharding for every leaf; None
+    keeps each leaf's own sharding (if it has one).
+    """
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings or getattr(x, "sharding", None)),
+            tree,
+        )
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ----------------------------------------------------------------------------- whole-folder params
+
+
+def _clean_tmp(parent: pathlib.Path, name: str) -> None:
+    for stale in parent.glob(f"{TMP_PREFIX}{name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _save_params_folder(
+    dest: pathlib.Path, params: Any, meta: dict, overwrite: bool, what: str
+) -> pathlib.Path:
+    """Write params + meta.json to a temporary sibling folder, then rename it to `dest`."""
+    dest = pathlib.Path(dest)
+    if (dest / META_FILE).exists() and not overwrite:
+        raise CheckpointExistsError(f"{dest}: {what} checkpoint already exists (pass overwrite to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_primary():
+        _clean_tmp(dest.parent, dest.name)
+    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}")
+    tmp = pathlib.Path(_broadcast_str(str(tmp)))
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / PARAMS_DIR, params)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    meta = dict(meta, hash=params_hash(params), tree=tree_summary(params), written=time.time())
+    if is_primary():
+        write_json(tmp / META_FILE, meta)
+        if dest.exists():  # incomplete leftover, or overwrite requested
+            trash = dest.with_name(f"{TMP_PREFIX}{dest.name}-old-{uuid.uuid4().hex[:8]}")
+            os.replace(dest, trash)
+            os.replace(tmp, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    _sync("save_params_folder")
+    return dest
+
+
+def _load_params_folder(src: pathlib.Path, target: Any, what: str, verify: bool) -> tuple[Any, dict]:
+    src = pathlib.Path(src)
+    if not (src / META_FILE).exists():
+        raise RunNotFoundError(f"{src}: no complete {what} checkpoint")
+    meta = read_json(src / META_FILE)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        params = ckptr.restore(src / PARAMS_DIR, target)
+    except Exception as e:  # orbax raises assorted types for structure/shape mismatches
+        raise CheckpointError(f"{src}: cannot restore {what} parameters: {str(e).splitlines()[0]}") from e
+    finally:
+        ckptr.close()
+    if verify:
+        got = params_hash(params)
+        if got != meta.get("hash"):
+            raise HashMismatchError(
+                f"{src}: {what} parameters do not match their recorded content hash "
+                f"(recorded {str(meta.get('hash'))[:12]}, found {got[:12]})"
+            )
+    return params, meta
+
+
+def _broadcast_str(s: str) -> str:
+    if jax.process_count() == 1:
+        return s
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(s.encode().ljust(1024, b"\0"), dtype=np.uint8)
+    out = multihost_utils.broadcast_one_to_all(data)
+    return bytes(np.asarray(out)).rstrip(b"\0").decode()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_path(run: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(run) / REFERENCE_DIR
+
+
+def has_reference(run: str | os.PathLike) -> bool:
+    return (reference_path(run) / META_FILE).exists()
+
+
+def save_reference(run: str | os.PathLike, params: Any, meta: dict | None = None, overwrite: bool = False) -> str:
+    """Write RUN/reference once; returns its content hash. Refuses to replace one unless `overwrite`."""
+    dest = _save_params_folder(reference_path(run), params, dict(meta or {}), overwrite, "reference")
+    return read_json(dest / META_FILE)["hash"]
+
+
+def reference_hash(run: str | os.PathLike) -> str:
+    """The recorded content hash of RUN/reference (no parameters are read)."""
+    path = reference_path(run) / META_FILE
+    if not path.exists():
+        raise RunNotFoundError(f"{reference_path(run)}: no complete reference checkpoint")
+    return read_json(path)["hash"]
+
+
+def load_reference(run: str | os.PathLike, target: Any) -> tuple[Any, dict]:
+    """Restore RUN/reference onto `target` (abstract tree with shardings) and verify its hash."""
+    return _load_params_folder(reference_path(run), target, "reference", verify=True)
+
+
+def verify_reference(run: str | os.PathLike, params: Any) -> str:
+    """Check that in-memory `params` equal RUN/reference's recorded hash; returns the hash."""
+    expected = reference_hash(run)
+    got = params_hash(params)
+    if got != expected:
+        raise HashMismatchError(
+            f"{reference_path(run)}: reference parameters given differ from the run's reference "
+            f"(recorded {expected[:12]}, given {got[:12]}); use a new run directory"
+        )
+    return got
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """meta.json of a reference or forget folder."""
+    return read_json(pathlib.Path(folder) / META_FILE)
+
+
+# ----------------------------------------------------------------------------- forget
+
+
+def forget_name(alpha: float, eta: float | None = None) -> str:
+    name = f"alpha_{float(alpha)}"
+    return name if eta is None else f"{name}_eta_{float(eta)}"
+
+
+def forget_path(run: str | os.PathLike, alpha: float, eta: float | None = None) -> pathlib.Path:
+    return pathlib.Path(run) / FORGET_DIR / forget_name(alpha, eta)
+
+
+def save_forget(
+    run: str | os.PathLike,
+    params: Any,
+    alpha: float,
+    source_step: int,
+    eta: float | None = None,
+    meta: dict | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Write RUN/forget/alpha_A[_eta_E] with metadata alpha, eta, source_step (and `meta`)."""
+    info = dict(meta or {}, alpha=float(alpha), eta=None if eta is None else float(eta), source_step=int(source_step))
+    return _save_params_folder(forget_path(run, alpha, eta), params, info, overwrite, "forget")
+
+
+def load_forget(run: str | os.PathLike, alpha: float, target: Any, eta: float | None = None) -> tuple[Any, dict]:
+    """Restore a forget checkpoint onto `target`, verifying its content hash."""
+    return _load_params_folder(forget_path(run, alpha, eta), target, "forget", verify=True)
+
+
+def list_forget(run: str | os.PathLike) -> list[dict]:
+    """Metadata of every complete forget checkpoint in RUN (each with a 'path' entry)."""
+    root = pathlib.Path(run) / FORGET_DIR
+    out = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if not d.name.startswith(TMP_PREFIX) and (d / META_FILE).exists():
+                out.append(dict(read_json(d / META_FILE), path=str(d)))
+    return out
+
+
+# ----------------------------------------------------------------------------- memorised steps
+
+
+class MemorizedCheckpoints:
+    """Orbax CheckpointManager over RUN/memorized: params, opt_state, RNG key and data position.
+
+    Saves are asynchronous (the device-to-host copy happens before `save` returns, so the saved
+    arrays may be donated right after); call `wait_until_finished()` or `close()` before exit.
+    Only finalised steps are listed; Orbax's temporary folders left by a crash are removed.
+    """
+
+    def __init__(self, run: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True):
+        self.directory = pathlib.Path(run).absolute() / MEMORIZED_DIR
+        if is_primary() and self.directory.is_dir():  # unfinalised steps left by a crash
+            for stale in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _sync("memorized_cleanup")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=("params", "opt_state", "rng", "position"), options=options
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any, rng: jax.Array, position: dict) -> None:
+        """Start saving step `step` (returns once the arrays are copied off the devices)."""
+        key_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            rng=ocp.args.StandardSave({"key": key_data}),
+            position=ocp.args.JsonSave({k: _plain(v) for k, v in position.items()}),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(
+        self,
+        params_target: Any,
+        opt_state_target: Any = None,
+        step: int | None = None,
+        rng_impl: str | None = "threefry2x32",
+    ) -> dict:
+        """Restore a step (default: latest) as {'step', 'params', 'opt_state', 'rng', 'position'}.
+
+        With `opt_state_target` None only params, rng and position are read. The rng comes back
+        as a typed key of `rng_impl` (raw key data if `rng_impl` is None).
+        """
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise RunNotFoundError(f"{self.directory}: no complete memorised checkpoint")
+        if step not in self.manager.all_steps():
+            raise RunNotFoundError(f"{self.directory}: no memorised checkpoint for step {step}")
+        key_shape = jax.random.key_data(jax.random.key(0, impl=rng_impl or "threefry2x32")).shape
+        items = {
+            "params": ocp.args.StandardRestore(params_target),
+            "rng": ocp.args.StandardRestore({"key": np.zeros(key_shape, np.uint32)}),
+            "position": ocp.args.JsonRestore(),
+        }
+        if opt_state_target is not None:
+            items["opt_state"] = ocp.args.StandardRestore(opt_state_target)
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.directory}/{step}: cannot restore memorised checkpoint: {str(e).splitlines()[0]}"
+            ) from e
+        key = jnp.asarray(got["rng"]["key"])
+        if rng_impl is not None:
+            key = jax.random.wrap_key_data(key, impl=rng_impl)
+        return {
+            "step": step,
+            "params": got["params"],
+            "opt_state": got["opt_state"] if opt_state_target is not None else None,
+            "rng": key,
+            "position": dict(got["position"]),
+        }
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> "MemorizedCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
