@@ -1,0 +1,35 @@
+"""Benchmarks (TOFU, MUSE, built-in synthetic), prompt formats, tokenisation and static-shape batching."""
+
+from jaxunlearn.data.batching import (
+    DEFAULT_BUCKETS,
+    PairedIterator,
+    bucket_length,
+    collate,
+    collate_prompts,
+    host_slice,
+    to_global,
+)
+from jaxunlearn.data.benchmark import DEFAULT_IDK, UnlearnBenchmark
+from jaxunlearn.data.errors import DataError, DataFileNotFoundError
+from jaxunlearn.data.prompts import (
+    CHAT,
+    LLAMA2_CHAT,
+    QA,
+    SYSTEM_PROMPT,
+    PromptFormat,
+    encode_prompt,
+    encode_qa,
+    encode_rows,
+    prompt_format_for,
+    prompt_text,
+    target_rows,
+)
+from jaxunlearn.data.synthetic import synthetic_benchmark, synthetic_tokenizer
+
+__all__ = [
+    "CHAT", "DEFAULT_BUCKETS", "DEFAULT_IDK", "LLAMA2_CHAT", "QA", "SYSTEM_PROMPT",
+    "DataError", "DataFileNotFoundError", "PairedIterator", "PromptFormat", "UnlearnBenchmark",
+    "bucket_length", "collate", "collate_prompts", "encode_prompt", "encode_qa", "encode_rows",
+    "host_slice", "prompt_format_for", "prompt_text", "synthetic_benchmark", "synthetic_tokenizer",
+    "target_rows", "to_global",
+]

@@ -1,0 +1,175 @@
+"""Prompt formats per model family and QA tokenisation with answer-only labels.
+
+Formats (see design/metrics.md):
+  "qa"          base models (phi-1.5, Llama-2 base): "Question: {q}\\nAnswer: {a}"
+  "llama2-chat" Llama-2 chat:                        "[INST] {q} [/INST]{a}"
+  "chat"        other instruct models: the tokenizer's chat template with the system prompt
+                "You are a helpful assistant." and the generation prompt; the answer follows it.
+
+Tokenisation (as in the TOFU reference code): the prompt and prompt+answer are tokenised as
+text and the answer's ids are what follows the prompt's ids; where the tokenizer merges across
+the boundary the answer is tokenised on its own instead. BOS is prepended when the tokenizer
+adds one by default (chat templates carry their own), EOS is always appended. Labels equal the
+input ids on answer tokens and EOS, IGNORE elsewhere (aligned with input_ids; see ops.py).
+The space between "Answer:" and the answer belongs to the answer, so a generation prompt ends
+at "Answer:".
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+from jaxunlearn.data.errors import DataError
+from jaxunlearn.ops import IGNORE
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question and an answer become text. Templates use {q} and {a}."""
+
+    name: str
+    prompt_template: str = "Question: {q}\nAnswer:"
+    answer_template: str = " {a}"
+    system_prompt: str | None = None
+    add_bos: bool = True
+    use_chat_template: bool = False
+
+
+QA = PromptFormat("qa")
+LLAMA2_CHAT = PromptFormat("llama2-chat", prompt_template="[INST] {q} [/INST]", answer_template="{a}")
+CHAT = PromptFormat("chat", prompt_template="{q}", answer_template="{a}", system_prompt=SYSTEM_PROMPT,
+                    add_bos=False, use_chat_template=True)
+
+_FAMILIES = {
+    "qa": QA, "base": QA, "phi": QA, "llama2": QA, "llama": QA,
+    "llama2-chat": LLAMA2_CHAT,
+    "chat": CHAT, "instruct": CHAT,
+}
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS token first when asked for special tokens."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and int(ids[0]) == int(bos)
+
+
+def prompt_format_for(tokenizer: Any, family: str | None = None) -> PromptFormat:
+    """The prompt format for a tokenizer: by family name, or guessed from the tokenizer.
+
+    Families: qa/base/phi/llama2/llama, llama2-chat, chat/instruct. Guess (family=None):
+    a Llama-2 chat tokenizer -> llama2-chat; one with a chat template -> chat; else qa.
+    """
+    if family is None:
+        name = str(getattr(tokenizer, "name_or_path", "")).lower()
+        if "llama-2" in name and "chat" in name:
+            family = "llama2-chat"
+        elif getattr(tokenizer, "chat_template", None):
+            family = "chat"
+        else:
+            family = "qa"
+    if family not in _FAMILIES:
+        raise DataError(f"unknown prompt family {family!r}; expected one of {sorted(_FAMILIES)}")
+    fmt = _FAMILIES[family]
+    if fmt.use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"prompt family {family!r} needs a tokenizer with a chat template")
+        return fmt
+    return replace(fmt, add_bos=tokenizer_adds_bos(tokenizer))
+
+
+def prompt_text(tokenizer: Any, fmt: PromptFormat, question: str) -> str:
+    """The prompt string for a question (for chat formats, the rendered chat template)."""
+    if not fmt.use_chat_template:
+        return fmt.prompt_template.format(q=question)
+    user = fmt.prompt_template.format(q=question)
+    messages = [{"role": "user", "content": user}]
+    if fmt.system_prompt:
+        messages.insert(0, {"role": "system", "content": fmt.system_prompt})
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:  # templates that reject a system turn: fold it into the user turn
+        if not fmt.system_prompt:
+            raise
+        merged = [{"role": "user", "content": f"{fmt.system_prompt}\n\n{user}"}]
+        return tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+
+
+def _bos(tokenizer: Any, fmt: PromptFormat) -> list[int]:
+    return [int(tokenizer.bos_token_id)] if fmt.add_bos and tokenizer.bos_token_id is not None else []
+
+
+def encode_prompt(tokenizer: Any, fmt: PromptFormat, question: str) -> list[int]:
+    """Token ids of the generation prompt for a question (BOS included where the format adds it)."""
+    return _bos(tokenizer, fmt) + _ids(tokenizer, prompt_text(tokenizer, fmt, question))
+
+
+def _encode_full(tokenizer: Any, fmt: PromptFormat, question: str, answer: str) -> tuple[list[int], int]:
+    """(ids of BOS+prompt+answer+EOS, number of leading unscored ids)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
+    prompt = prompt_text(tokenizer, fmt, question)
+    answer_text = fmt.answer_template.format(a=answer)
+    prompt_ids = _ids(tokenizer, prompt)
+    joint = _ids(tokenizer, prompt + answer_text)
+    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+        answer_ids = joint[len(prompt_ids):]
+    else:
+        answer_ids = _ids(tokenizer, answer_text)
+    head = _bos(tokenizer, fmt) + prompt_ids
+    return head + answer_ids + [int(eos)], len(head)
+
+
+def encode_qa(tokenizer: Any, fmt: PromptFormat, question: str, answer: str, max_len: int) -> dict[str, list[int]]:
+    """Encode one QA pair: dict(input_ids, labels), at most max_len tokens (cut at the end).
+
+    Labels are IGNORE on BOS and prompt tokens and equal input_ids on answer tokens and EOS.
+    """
+    ids, n_prompt = _encode_full(tokenizer, fmt, question, answer)
+    labels = [IGNORE] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def encode_rows(
+    tokenizer: Any,
+    fmt: PromptFormat,
+    rows: Sequence[Mapping],
+    max_len: int,
+    question_key: str = "question",
+    answer_key: str = "answer",
+) -> list[dict[str, list[int]]]:
+    """encode_qa over rows; samples longer than max_len are cut and counted in one warning."""
+    out, n_long = [], 0
+    for row in rows:
+        ids, n_prompt = _encode_full(tokenizer, fmt, row[question_key], row[answer_key])
+        n_long += len(ids) > max_len
+        labels = [IGNORE] * n_prompt + ids[n_prompt:]
+        out.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
+    if n_long:
+        warnings.warn(f"{n_long} of {len(rows)} samples are longer than max_len={max_len} tokens and were truncated",
+                      stacklevel=2)
+    return out
+
+
+def target_rows(questions_from: Sequence[Mapping], answers: Sequence[str], seed: int = 0) -> list[dict]:
+    """Forget questions paired with target answers (e.g. "I don't know" replies) for the targeted variant.
+
+    Row i gets answers[k] for a deterministic pseudo-random k derived from seed.
+    """
+    import numpy as np
+
+    if not answers:
+        raise DataError("target answer pool is empty")
+    picks = np.random.default_rng([seed, 0x7A4]).integers(0, len(answers), size=len(questions_from))
+    return [{"question": row["question"], "answer": answers[int(k)]} for row, k in zip(questions_from, picks)]
