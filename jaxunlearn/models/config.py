@@ -1,0 +1,301 @@
+"""Model configuration: one frozen dataclass for every supported decoder, with HF config.json conversion.
+
+Supported Hugging Face `model_type`s: "llama", "mistral", "qwen2" (all `arch="llama"`: pre-norm RMSNorm,
+SwiGLU MLP, rotary attention, optional grouped-query heads) and "phi" (`arch="phi"`: Phi-1/1.5/2 with
+LayerNorm, parallel attention + MLP, partial rotary, biases everywhere).
+
+Rope scaling types: "default", "linear", "dynamic" (NTK, recomputed from the largest position in each call,
+which is what a freshly loaded `transformers` model does) and "llama3". Others raise `ModelConfigError`.
+
+Sliding-window attention (Mistral, Qwen2 `use_sliding_window`) is applied in the attention mask: a query in
+cache slot s sees slot j only if s - window < j <= s, on the layers whose `layer_types` entry is
+"sliding_attention".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+
+class ModelConfigError(ValueError):
+    """A model configuration is malformed or uses something this package does not implement."""
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "phi": "PhiForCausalLM",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and options of a decoder-only causal LM.
+
+    `rope_scaling` is a tuple of (key, value) pairs (hashable) or None; `rope_params` gives it as a dict.
+    `layer_types` is None (all layers full attention) or one of "full_attention"/"sliding_attention" per layer.
+    """
+
+    arch: str = "llama"
+    model_type: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None
+    partial_rotary_factor: float = 1.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    # ----------------------------------------------------------------- checks and derived values
+    def validate(self) -> None:
+        """Raise ModelConfigError naming the first inconsistent field."""
+        if self.arch not in ("llama", "phi"):
+            raise ModelConfigError(f"arch must be 'llama' or 'phi', got {self.arch!r}")
+        if self.arch == "phi" and self.model_type != "phi":
+            raise ModelConfigError(f"arch 'phi' needs model_type 'phi', got {self.model_type!r}")
+        if self.arch == "llama" and self.model_type not in LLAMA_FAMILY:
+            raise ModelConfigError(f"arch 'llama' needs model_type in {LLAMA_FAMILY}, got {self.model_type!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ModelConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelConfigError(f"hidden_act {self.hidden_act!r} not supported (one of {ACTIVATIONS})")
+        rope_type = self.rope_params.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ModelConfigError(f"rope_scaling type {rope_type!r} not supported (one of {ROPE_TYPES})")
+        if self.rotary_dim % 2 or self.rotary_dim <= 0:
+            raise ModelConfigError(
+                f"rotary dimension head_dim*partial_rotary_factor = {self.rotary_dim} must be even and positive")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ModelConfigError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if bad:
+                raise ModelConfigError(f"layer_types entries {sorted(bad)} not supported")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ModelConfigError("layer_types uses sliding_attention but sliding_window is not set")
+
+    @property
+    def rope_params(self) -> dict[str, Any]:
+        """Rope scaling parameters as a dict ({} when there is no scaling)."""
+        return dict(self.rope_scaling or ())
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window of a layer, or None for full causal attention."""
+        if not self.sliding_window:
+            return None
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, vocab_size: int = 256, **overrides) -> "ModelConfig":
+        """Small named shapes for demos and tests: "tiny-llama", "tiny-llama-gqa", "tiny-qwen2",
+        "tiny-mistral", "tiny-phi", "small-llama" (a few million parameters)."""
+        presets = {
+            "tiny-llama": dict(arch="llama", model_type="llama", hidden_size=64, intermediate_size=128,
+                               num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16),
+            "tiny-llama-gqa": dict(arch="llama", model_type="llama", hidden_size=64, intermediate_size=128,
+                                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+            "tiny-qwen2": dict(arch="llama", model_type="qwen2", hidden_size=64, intermediate_size=128,
+                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True,
+                               tie_word_embeddings=True, bos_token_id=None, eos_token_id=None),
+            "tiny-mistral": dict(arch="llama", model_type="mistral", hidden_size=64, intermediate_size=128,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+            "tiny-phi": dict(arch="phi", model_type="phi", hidden_size=64, intermediate_size=128,
+                             num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, norm_eps=1e-5,
+                             hidden_act="gelu_new", partial_rotary_factor=0.5, qkv_bias=True, o_bias=True,
+                             mlp_bias=True, lm_head_bias=True),
+            "small-llama": dict(arch="llama", model_type="llama", hidden_size=256, intermediate_size=688,
+                                num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
+        }
+        if name not in presets:
+            raise ModelConfigError(f"unknown model preset {name!r} (one of {sorted(presets)})")
+        return cls(vocab_size=vocab_size, **{**presets[name], **overrides})
+
+    # ----------------------------------------------------------------- Hugging Face config.json
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        """Build from a Hugging Face config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
+        `rope_parameters`). `source` names the file in error messages."""
+        model_type = d.get("model_type")
+        if model_type not in HF_ARCHITECTURES:
+            raise ModelConfigError(
+                f"{source}: model_type {model_type!r} not supported (one of {sorted(HF_ARCHITECTURES)})")
+
+        def need(key):
+            if d.get(key) is None:
+                raise ModelConfigError(f"{source}: missing required key {key!r}")
+            return d[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        kv_heads = int(d.get("num_key_value_heads") or heads)
+        head_dim = int(d.get("head_dim") or hidden // heads)
+        rope = dict(d.get("rope_parameters") or {})
+        legacy = dict(d.get("rope_scaling") or {})
+        if "layer_types" in rope or any(isinstance(v, dict) for v in rope.values()):
+            raise ModelConfigError(f"{source}: per-layer rope_parameters are not supported")
+        rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        partial = float(rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)
+                                  if model_type != "phi" else d.get("partial_rotary_factor", 0.5)))
+        if not rope and legacy:
+            rope = legacy
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        scaling = None
+        if rope_type != "default":
+            if rope_type == "llama3":
+                rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
+            scaling = tuple(sorted({"rope_type": rope_type, **rope}.items()))
+        if d.get("qk_layernorm"):
+            raise ModelConfigError(f"{source}: qk_layernorm=true is not supported")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            pass  # pretraining_tp only changes how HF splits matmuls; the maths is the same.
+        eos = d.get("eos_token_id")
+        common = dict(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+            hidden_act=str(d.get("hidden_act", "gelu_new" if model_type == "phi" else "silu")),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            partial_rotary_factor=partial,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=d.get("pad_token_id"),
+        )
+        if model_type == "phi":
+            return cls(arch="phi", norm_eps=float(d.get("layer_norm_eps", 1e-5)), qkv_bias=True, o_bias=True,
+                       mlp_bias=True, lm_head_bias=True, **common)
+        window, layer_types = None, None
+        if model_type == "mistral":
+            window = d.get("sliding_window")
+        elif model_type == "qwen2":
+            if d.get("use_sliding_window") and d.get("sliding_window"):
+                window = d.get("sliding_window")
+                layer_types = d.get("layer_types") or [
+                    "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+                    for i in range(common["num_layers"])]
+                layer_types = tuple(layer_types)
+        attention_bias = bool(d.get("attention_bias", False))
+        return cls(
+            arch="llama",
+            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=int(window) if window else None,
+            layer_types=layer_types,
+            **common,
+        )
+
+    @classmethod
+    def from_hf_folder(cls, path: str | pathlib.Path) -> "ModelConfig":
+        """Read `config.json` from a Hugging Face checkpoint folder."""
+        file = pathlib.Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no config.json in checkpoint folder")
+        try:
+            d = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise ModelConfigError(f"{file}: not valid JSON ({err})") from None
+        return cls.from_hf_dict(d, source=str(file))
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """A config.json dict that `transformers` (5.x; 4.x reads the legacy rope keys) loads into the
+        same architecture. `dtype` is the stored weight dtype name."""
+        if self.model_type == "qwen2" and self.qkv_bias is False:
+            raise ModelConfigError("qwen2 always has q/k/v biases; use model_type 'llama' for a bias-free model")
+        if self.model_type == "mistral" and (self.qkv_bias or self.o_bias or self.mlp_bias):
+            raise ModelConfigError("mistral has no attention/MLP biases; use model_type 'llama' with attention_bias")
+        if self.model_type == "llama" and self.qkv_bias != self.o_bias:
+            raise ModelConfigError("llama's attention_bias covers q/k/v and o together; use qwen2 for q/k/v-only")
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **self.rope_params}
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        d: dict[str, Any] = {
+            "architectures": [HF_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "attention_dropout": 0.0,
+            "dtype": dtype,
+            "torch_dtype": dtype,
+            "use_cache": True,
+        }
+        if self.arch == "phi":
+            if self.head_dim * self.num_heads != self.hidden_size:
+                raise ModelConfigError("phi needs head_dim * num_heads == hidden_size")
+            rope["partial_rotary_factor"] = self.partial_rotary_factor
+            d.update(layer_norm_eps=self.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, qk_layernorm=False)
+        else:
+            if self.partial_rotary_factor != 1.0:
+                raise ModelConfigError(f"{self.model_type} has no partial rotary; partial_rotary_factor must be 1")
+            d.update(rms_norm_eps=self.norm_eps, head_dim=self.head_dim)
+            if self.model_type == "llama":
+                d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+            if self.model_type == "mistral":
+                d["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                d.update(use_sliding_window=bool(self.sliding_window), sliding_window=self.sliding_window,
+                         max_window_layers=self.num_layers,
+                         layer_types=list(self.layer_types or ["sliding_attention" if self.sliding_window
+                                                               else "full_attention"] * self.num_layers))
+        d["rope_parameters"] = rope
+        return d

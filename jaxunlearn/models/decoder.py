@@ -1,0 +1,397 @@
+"""Flax NNX decoder-only causal LM (Llama family and Phi) and its functional API.
+
+Functional use (everything jittable):
+
+    model = init_model(cfg, seed=0)                 # or load_hf(folder)
+    graphdef, params = split_params(model)          # params: nnx.State of nnx.Param
+    apply = make_apply(graphdef)
+    logits = jax.jit(apply)(params, input_ids, attention_mask)   # [B, T, V] float32
+
+Attention masks: a query at slot t sees key slot j iff j <= t and attention_mask[b, j] == 1 (and, on
+sliding-window layers, j > t - window). Default positions are cumsum(attention_mask) - 1 clipped at 0, so
+right and left padding both give each real token its position in its own sequence.
+
+Dtypes: `param_dtype` is the storage dtype of parameters; `dtype` is the compute dtype of matmuls and
+activations. Norms, rotary tables and attention softmax run in float32; logits are returned in float32
+(the lm_head matmul accumulates in float32).
+
+Every parameter carries its logical axis names (nnx metadata `out_sharding`, not applied eagerly);
+`param_logical_axes` returns them as a tree with the structure of `params`.
+
+KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives a list (one per layer) of
+{"key", "value"} arrays [B, max_len, num_kv_heads, head_dim]; `make_decode(graphdef)` gives
+`decode(params, input_ids[B,S], positions[B,S], kv_mask[B,max_len], cache, cache_index) -> (logits, cache)`,
+which writes the S new keys/values at slots [cache_index, cache_index + S) and lets the query at slot s
+attend to slot j iff j <= s and kv_mask[b, j] == 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxunlearn.models.config import ModelConfig
+
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
+
+
+# --------------------------------------------------------------------------- parameters
+def _param(rngs: nnx.Rngs | None, shape, axes, param_dtype, init: str = "normal", std: float = 0.02):
+    """An nnx.Param with logical axis metadata (no eager sharding)."""
+    if init == "ones":
+        value = jnp.ones(shape, param_dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, param_dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(param_dtype)
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y = x . kernel (+ bias); kernel of any rank: contracts `n_in` leading kernel dims with x's trailing dims."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias, rngs, dtype, param_dtype):
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+        self.kernel = _param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), param_dtype)
+        self.bias = _param(rngs, tuple(out_shape), tuple(out_axes), param_dtype, init="zeros") if bias else None
+
+    def __call__(self, x):
+        k = self.kernel[...].astype(self.dtype)
+        n = self.n_in
+        y = jax.lax.dot_general(x.astype(self.dtype), k,
+                                ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size, eps, *, dtype, param_dtype):
+        self.eps, self.dtype = eps, dtype
+        self.scale = _param(None, (size,), ("embed",), param_dtype, init="ones")
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, size, eps, *, dtype, param_dtype):
+        self.eps, self.dtype = eps, dtype
+        self.scale = _param(None, (size,), ("embed",), param_dtype, init="ones")
+        self.bias = _param(None, (size,), ("embed",), param_dtype, init="zeros")
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _norm(cfg: ModelConfig, dtype, param_dtype):
+    cls = LayerNorm if cfg.arch == "phi" else RMSNorm
+    return cls(cfg.hidden_size, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+
+def activation(name: str) -> Callable:
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+# --------------------------------------------------------------------------- rotary embeddings
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2] (float32), including static rope scaling."""
+    dim = cfg.rotary_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    params = cfg.rope_params
+    kind = params.get("rope_type", "default")
+    if kind == "linear":
+        inv = (inv / np.float32(params["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv).astype(np.float32)
+        smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, rotary_dim] in float32 for integer positions [B, T]."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    params = cfg.rope_params
+    if params.get("rope_type") == "dynamic":
+        dim = cfg.rotary_dim
+        max_pos = cfg.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
+        factor = float(params["factor"])
+        base = cfg.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        inv = 1.0 / (base ** exponents)
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first cos.shape[-1] features of x [B, T, H, D] (rotate-half convention)."""
+    rot = cos.shape[-1]
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out, x_pass], axis=-1) if rot < x.shape[-1] else out
+
+
+# --------------------------------------------------------------------------- attention
+def attention_bias(query_slots, kv_mask, window: int | None) -> jax.Array:
+    """Boolean [B, 1, T, S]: query at slot query_slots[b, t] may attend key slot j."""
+    key_slots = jnp.arange(kv_mask.shape[1])[None, None, :]
+    q = query_slots[:, :, None]
+    allowed = (key_slots <= q) & (kv_mask[:, None, :] != 0)
+    if window is not None:
+        allowed = allowed & (key_slots > q - window)
+    return allowed[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, param_dtype):
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Dense((e,), (h, d), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, **common)
+        self.k_proj = Dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **common)
+        self.v_proj = Dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **common)
+        self.o_proj = Dense((h, d), (e,), ("heads", "head_dim"), ("embed",), bias=cfg.o_bias, **common)
+        self.num_kv_heads, self.head_dim = kv, d
+        self.window = cfg.layer_window(layer)
+        self.dtype = dtype
+
+    def __call__(self, x, cos, sin, query_slots, kv_mask, cache=None, cache_index=None):
+        q = apply_rope(self.q_proj(x), cos, sin)
+        k = apply_rope(self.k_proj(x), cos, sin)
+        v = self.v_proj(x)
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),
+                                                        cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
+                                                        cache_index, axis=1)
+            cache = {"key": k_all, "value": v_all}
+            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        b, t, h, d = q.shape
+        g = h // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, g, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(d ** -0.5, self.dtype)
+        allowed = attention_bias(query_slots, kv_mask, self.window)[:, :, None]  # [B,1,1,T,S]
+        scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    """Gated SiLU MLP (Llama family): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        common = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Dense((e,), (f,), ("embed",), ("mlp",), **common)
+        self.up_proj = Dense((e,), (f,), ("embed",), ("mlp",), **common)
+        self.down_proj = Dense((f,), (e,), ("mlp",), ("embed",), **common)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PhiMLP(nnx.Module):
+    """Two-layer MLP with biases (Phi): fc2(act(fc1(x)))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        common = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense((e,), (f,), ("embed",), ("mlp",), **common)
+        self.fc2 = Dense((f,), (e,), ("mlp",), ("embed",), **common)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DecoderLayer(nnx.Module):
+    """Llama: x + attn(norm1 x), then + mlp(norm2 .). Phi: x + attn(norm x) + mlp(norm x)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, param_dtype):
+        common = dict(dtype=dtype, param_dtype=param_dtype)
+        self.parallel = cfg.arch == "phi"
+        self.input_layernorm = _norm(cfg, **common)
+        self.self_attn = Attention(cfg, layer, rngs=rngs, **common)
+        if self.parallel:
+            self.mlp = PhiMLP(cfg, rngs=rngs, **common)
+        else:
+            self.post_attention_layernorm = _norm(cfg, **common)
+            self.mlp = MLP(cfg, rngs=rngs, **common)
+
+    def __call__(self, x, cos, sin, query_slots, kv_mask, cache=None, cache_index=None):
+        h = self.input_layernorm(x)
+        attn, cache = self.self_attn(h, cos, sin, query_slots, kv_mask, cache, cache_index)
+        if self.parallel:
+            return x + attn + self.mlp(h), cache
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only causal language model; see the module docstring for the calling conventions."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Module()
+        self.embed_tokens.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                             param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for i in range(cfg.num_layers)])
+        self.norm = _norm(cfg, dtype, param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Module()
+            self.lm_head.kernel = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+            self.lm_head.bias = (_param(None, (cfg.vocab_size,), ("vocab",), param_dtype, init="zeros")
+                                 if cfg.lm_head_bias else None)
+        else:
+            self.lm_head = None
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Logits [B, T, V] (float32) for a padded batch; see the module docstring for masks/positions."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
+        logits, _ = self.forward(input_ids, positions, slots, attention_mask)
+        return logits
+
+    def forward(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None):
+        """Shared body of full forward and cached decoding; returns (logits, new cache or None)."""
+        cfg = self.config
+        x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
+        cos, sin = rope_tables(cfg, positions)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache is not None else None
+            if cfg.remat and cache is None:
+                x, _ = _remat_layer(layer, x, cos, sin, query_slots, kv_mask)
+            else:
+                x, layer_cache = layer(x, cos, sin, query_slots, kv_mask, layer_cache, cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        x = self.norm(x)
+        return self._logits(x), new_cache
+
+    def _logits(self, x):
+        if self.lm_head is None:
+            kernel = self.embed_tokens.embedding[...].astype(self.dtype).T
+        else:
+            kernel = self.lm_head.kernel[...].astype(self.dtype)
+        logits = jnp.einsum("bte,ev->btv", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        if self.lm_head is not None and self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias[...].astype(jnp.float32)
+        return logits
+
+
+def _remat_layer(layer, x, cos, sin, query_slots, kv_mask):
+    """Run one layer under jax.checkpoint (activations recomputed in the backward pass)."""
+    graphdef, state = nnx.split(layer)
+
+    @jax.checkpoint
+    def run(state, x, cos, sin):
+        return nnx.merge(graphdef, state)(x, cos, sin, query_slots, kv_mask)[0]
+
+    return run(state, x, cos, sin), None
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """cumsum(mask) - 1 clipped at 0: real tokens numbered from 0 in each row, whatever the padding side."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# --------------------------------------------------------------------------- functional API
+def init_model(cfg: ModelConfig, seed: int = 0, dtype="float32", param_dtype="float32") -> CausalLM:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
+    return CausalLM(cfg, rngs=nnx.Rngs(params=seed), dtype=dtype, param_dtype=param_dtype)
+
+
+def split_params(model: CausalLM):
+    """(graphdef, params): params is an nnx.State holding every nnx.Param of the model."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def merge_params(graphdef, params) -> CausalLM:
+    """Rebuild a CausalLM from split_params' output."""
+    return nnx.merge(graphdef, params)
+
+
+def make_apply(graphdef) -> Callable:
+    """Pure `apply(params, input_ids, attention_mask=None, positions=None) -> logits [B, T, V]`."""
+
+    def apply(params, input_ids, attention_mask=None, positions=None):
+        return nnx.merge(graphdef, params)(input_ids, attention_mask, positions)
+
+    return apply
+
+
+def param_logical_axes(model_or_params) -> Any:
+    """Logical axis names of every parameter: the params tree with each array replaced by a tuple of names
+    from LOGICAL_AXES or None (tuples are leaves for `jax.tree.map(f, params, axes)`; with the axes tree
+    first, pass `is_leaf=lambda x: isinstance(x, tuple)`)."""
+    params = model_or_params
+    if isinstance(model_or_params, nnx.Module):
+        _, params = split_params(model_or_params)
+    return jax.tree.map(lambda v: v.replace(tuple(v.get_metadata().get("out_sharding") or ())),
+                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# --------------------------------------------------------------------------- KV cache
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> list[dict[str, jax.Array]]:
+    """Zeroed KV cache: one {"key", "value"} [B, max_len, num_kv_heads, head_dim] per layer."""
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+def make_decode(graphdef) -> Callable:
+    """Pure `decode(params, input_ids, positions, kv_mask, cache, cache_index) -> (logits, cache)`."""
+
+    def decode(params, input_ids, positions, kv_mask, cache, cache_index):
+        model = nnx.merge(graphdef, params)
+        slots = cache_index + jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
+        return model.forward(input_ids, positions, slots, kv_mask, cache, cache_index)
+
+    return decode
