@@ -1,0 +1,146 @@
+"""Jitted teacher-forced scoring of encoded QA examples.
+
+`make_score_fn(apply, ...)` jits one function (compiled once per batch shape, i.e. per bucket)
+that maps a right-padded batch (ops.py convention) to per-token arrays [B, T-1]:
+  logp   log p(label_t) of each scored token (0 where not scored)
+  z      Min-K%++ standardised log-prob (log p(x_t) - mu_t) / sigma_t, with mu_t, sigma_t the mean
+         and standard deviation of log p under the model's own next-token distribution at t
+  match  1 where the argmax of the next-token logits equals the label
+  mask   1 where the label is scored
+
+`score_examples` runs it over a list of encoded examples (dict input_ids, labels): examples are
+sorted by length so that each batch uses the smallest bucket, the last batch is filled up with
+copies of its first row (their results are dropped), and results come back in input order as
+`SampleScore`s holding the scored-token arrays and the summed NLL.
+
+Sharding: pass `param_shardings` (a pytree of shardings matching params) and `batch_sharding`
+(a sharding for [B, T] arrays, split over the batch axis) to place the computation on a mesh;
+the batch size must then be a multiple of the number of batch shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxunlearn.ops import shift_labels, token_logprobs
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    """Teacher-forced results for one example, over its scored tokens only."""
+
+    logp: np.ndarray  # [n] float32 log-probabilities of the label tokens
+    z: np.ndarray  # [n] Min-K%++ standardised log-probabilities
+    match: np.ndarray  # [n] bool, argmax == label
+
+    @property
+    def count(self) -> int:
+        return int(self.logp.size)
+
+    @property
+    def nll_sum(self) -> float:
+        return float(-self.logp.astype(np.float64).sum())
+
+    @property
+    def mean_nll(self) -> float:
+        """Length-normalised NLL (the TOFU 'avg loss'); nan for an example with no scored token."""
+        return self.nll_sum / self.count if self.count else float("nan")
+
+
+def token_stats(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Per-token logp, z, match and mask [B, T-1] from logits [B, T, V] and aligned labels [B, T]."""
+    logp, mask = token_logprobs(logits, labels)
+    shifted, targets, _ = shift_labels(logits, labels)
+    logq = jax.nn.log_softmax(shifted.astype(jnp.float32), axis=-1)
+    q = jnp.exp(logq)
+    mu = jnp.sum(q * logq, axis=-1)
+    var = jnp.sum(q * jnp.square(logq), axis=-1) - jnp.square(mu)
+    sigma = jnp.sqrt(jnp.maximum(var, 1e-12))
+    z = (logp - mu) / sigma * mask
+    match = (jnp.argmax(shifted, axis=-1) == targets).astype(jnp.float32) * mask
+    return {"logp": logp, "z": z, "match": match, "mask": mask}
+
+
+def make_score_fn(
+    apply: Callable,
+    param_shardings: Any = None,
+    batch_sharding: Any = None,
+) -> Callable:
+    """Jitted score(params, batch) -> dict of [B, T-1] arrays (see module docstring)."""
+
+    def score(params, batch):
+        logits = apply(params, batch["input_ids"], batch["attention_mask"])
+        return token_stats(logits, batch["labels"])
+
+    if batch_sharding is None:
+        return jax.jit(score)
+    batch_in = {k: batch_sharding for k in BATCH_KEYS}
+    return jax.jit(score, in_shardings=(param_shardings, batch_in), out_shardings=batch_sharding)
+
+
+def batch_order(lengths: Sequence[int]) -> np.ndarray:
+    """Indices sorted by length (stable), so batches of neighbours share a bucket."""
+    return np.argsort(np.asarray(lengths), kind="stable")
+
+
+def fill_rows(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Fill a batch up to batch_size rows with copies of row 0 (results for them are dropped)."""
+    n = next(iter(batch.values())).shape[0]
+    if n > batch_size:
+        raise ValueError(f"batch has {n} rows, more than batch_size={batch_size}")
+    if n == batch_size:
+        return dict(batch)
+    idx = np.concatenate([np.arange(n), np.zeros(batch_size - n, dtype=np.int64)])
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def iter_batches(examples: Sequence[Mapping], batch_size: int, pad_id: int, buckets: Sequence[int]):
+    """Yield (indices, collated batch filled to batch_size) over examples sorted by length."""
+    from jaxunlearn.data.batching import collate
+
+    order = batch_order([len(e["input_ids"]) for e in examples])
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id, buckets)
+        yield idx, fill_rows(batch, batch_size)
+
+
+def _place(batch: Mapping[str, np.ndarray], batch_sharding: Any) -> dict:
+    if batch_sharding is None:
+        return {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    return {k: jax.device_put(batch[k], batch_sharding) for k in BATCH_KEYS}
+
+
+def score_examples(
+    score_fn: Callable,
+    params: Any,
+    examples: Sequence[Mapping],
+    batch_size: int,
+    pad_id: int,
+    buckets: Sequence[int],
+    batch_sharding: Any = None,
+) -> list[SampleScore]:
+    """Teacher-forced SampleScore per example, in input order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[SampleScore | None] = [None] * len(examples)
+    pending = []
+    for idx, batch in iter_batches(examples, batch_size, pad_id, buckets):
+        pending.append((idx, score_fn(params, _place(batch, batch_sharding))))
+    for idx, res in pending:  # dispatch everything first, then read back
+        host = jax.device_get(res)
+        for row, i in enumerate(idx):
+            keep = host["mask"][row] > 0
+            out[i] = SampleScore(
+                logp=host["logp"][row][keep],
+                z=host["z"][row][keep],
+                match=host["match"][row][keep] > 0,
+            )
+    return out  # type: ignore[return-value]
