@@ -250,3 +250,20 @@ def test_to_global_and_host_slice():
     glob = to_global(batch, NamedSharding(mesh, P("data")))
     assert glob["retain"]["input_ids"].sharding.spec == P("data")
     np.testing.assert_array_equal(np.asarray(glob["forget"]["labels"]), batch["forget"]["labels"])
+
+
+def test_boundary_merge_falls_back_to_separate_answer_ids():
+    """A tokenizer that merges the prompt's last character with the answer's first one."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<pad>", "<s>", "</s>", "<unk>", "Q", ":", "x", "y", "Qx"]
+    vocab = {c: i for i, c in enumerate(chars)} | {":x": len(chars)}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[(":", "x")], unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    fmt = prompt_format_for(tok, "qa").__class__("edge", prompt_template="Q{q}:", answer_template="{a}", add_bos=False)
+    assert tok("Qy:xy", add_special_tokens=False)["input_ids"][2] == vocab[":x"]  # the merge happens
+    enc = encode_qa(tok, fmt, "y", "xy", 16)
+    assert enc["input_ids"] == [vocab["Q"], vocab["y"], vocab[":"], vocab["x"], vocab["y"], tok.eos_token_id]
+    assert enc["labels"] == [IGNORE] * 3 + enc["input_ids"][3:]

@@ -20,14 +20,19 @@ from jaxunlearn.data.prompts import (
     encode_prompt,
     encode_qa,
     encode_rows,
+    encode_texts,
     prompt_format_for,
     prompt_text,
     target_rows,
 )
+from jaxunlearn.data.muse import MUSE_HUB, MuseBenchmark, knowmem_prompt, load_muse, muse_benchmark
 from jaxunlearn.data.synthetic import synthetic_benchmark, synthetic_tokenizer
+from jaxunlearn.data.tofu import FORGET_SPLITS, TOFU_SPLITS, load_tofu, tofu_benchmark
 
 __all__ = [
-    "CHAT", "DEFAULT_BUCKETS", "DEFAULT_IDK", "LLAMA2_CHAT", "QA", "SYSTEM_PROMPT",
+    "CHAT", "DEFAULT_BUCKETS", "DEFAULT_IDK", "FORGET_SPLITS", "LLAMA2_CHAT", "MUSE_HUB", "QA", "SYSTEM_PROMPT",
+    "TOFU_SPLITS", "MuseBenchmark", "knowmem_prompt", "load_muse", "muse_benchmark", "load_tofu", "tofu_benchmark",
+    "encode_texts",
     "DataError", "DataFileNotFoundError", "PairedIterator", "PromptFormat", "UnlearnBenchmark",
     "bucket_length", "collate", "collate_prompts", "encode_prompt", "encode_qa", "encode_rows",
     "host_slice", "prompt_format_for", "prompt_text", "synthetic_benchmark", "synthetic_tokenizer",

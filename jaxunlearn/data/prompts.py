@@ -173,3 +173,24 @@ def target_rows(questions_from: Sequence[Mapping], answers: Sequence[str], seed:
         raise DataError("target answer pool is empty")
     picks = np.random.default_rng([seed, 0x7A4]).integers(0, len(answers), size=len(questions_from))
     return [{"question": row["question"], "answer": answers[int(k)]} for row, k in zip(questions_from, picks)]
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int, add_bos: bool | None = None) -> list[dict]:
+    """Raw documents (MUSE forget/retain text) -> examples of at most max_len tokens, every token scored.
+
+    Each document is tokenised, EOS appended, and cut into consecutive chunks; each chunk starts
+    with BOS when the tokenizer adds one (add_bos=None) or when add_bos is True.
+    """
+    bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
+    head = [int(tokenizer.bos_token_id)] if bos and tokenizer.bos_token_id is not None else []
+    width = max_len - len(head)
+    if width < 1:
+        raise DataError(f"max_len={max_len} leaves no room for text tokens")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for text in texts:
+        ids = _ids(tokenizer, text) + ([int(eos)] if eos is not None else [])
+        for start in range(0, len(ids), width):
+            chunk = head + ids[start:start + width]
+            out.append({"input_ids": chunk, "labels": [IGNORE] * len(head) + chunk[len(head):]})
+    return out
