@@ -52,7 +52,7 @@ def _decode(path: pathlib.Path) -> str:
     except OSError as err:
         raise DataError(f"{path}: cannot read file ({err.strerror})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(f"{path} line {line}: not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start})") from None
