@@ -114,21 +114,30 @@ def encode_prompt(tokenizer: Any, fmt: PromptFormat, question: str) -> list[int]
     return _bos(tokenizer, fmt) + _ids(tokenizer, prompt_text(tokenizer, fmt, question))
 
 
-def _encode_full(tokenizer: Any, fmt: PromptFormat, question: str, answer: str) -> tuple[list[int], int]:
-    """(ids of BOS+prompt+answer+EOS, number of leading unscored ids)."""
+def _encode_many(tokenizer: Any, fmt: PromptFormat, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """For each (question, answer): (ids of BOS+prompt+answer+EOS, number of leading unscored ids)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
-    prompt = prompt_text(tokenizer, fmt, question)
-    answer_text = fmt.answer_template.format(a=answer)
-    prompt_ids = _ids(tokenizer, prompt)
-    joint = _ids(tokenizer, prompt + answer_text)
-    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
-        answer_ids = joint[len(prompt_ids):]
-    else:
-        answer_ids = _ids(tokenizer, answer_text)
-    head = _bos(tokenizer, fmt) + prompt_ids
-    return head + answer_ids + [int(eos)], len(head)
+    prompts = [prompt_text(tokenizer, fmt, q) for q, _ in pairs]
+    answers = [fmt.answer_template.format(a=a) for _, a in pairs]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    joint_ids = tokenizer([p + a for p, a in zip(prompts, answers)], add_special_tokens=False)["input_ids"]
+    bos = _bos(tokenizer, fmt)
+    out = []
+    for answer, p_ids, j_ids in zip(answers, prompt_ids, joint_ids):
+        p_ids, j_ids = [int(i) for i in p_ids], [int(i) for i in j_ids]
+        if j_ids[: len(p_ids)] == p_ids and len(j_ids) > len(p_ids):
+            a_ids = j_ids[len(p_ids):]
+        else:  # the tokenizer merged across the prompt/answer boundary
+            a_ids = _ids(tokenizer, answer)
+        out.append((bos + p_ids + a_ids + [int(eos)], len(bos) + len(p_ids)))
+    return out
+
+
+def _cut(ids: list[int], n_prompt: int, max_len: int) -> dict[str, list[int]]:
+    labels = [IGNORE] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
 def encode_qa(tokenizer: Any, fmt: PromptFormat, question: str, answer: str, max_len: int) -> dict[str, list[int]]:
@@ -136,9 +145,8 @@ def encode_qa(tokenizer: Any, fmt: PromptFormat, question: str, answer: str, max
 
     Labels are IGNORE on BOS and prompt tokens and equal input_ids on answer tokens and EOS.
     """
-    ids, n_prompt = _encode_full(tokenizer, fmt, question, answer)
-    labels = [IGNORE] * n_prompt + ids[n_prompt:]
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+    ((ids, n_prompt),) = _encode_many(tokenizer, fmt, [(question, answer)])
+    return _cut(ids, n_prompt, max_len)
 
 
 def encode_rows(
@@ -150,16 +158,12 @@ def encode_rows(
     answer_key: str = "answer",
 ) -> list[dict[str, list[int]]]:
     """encode_qa over rows; samples longer than max_len are cut and counted in one warning."""
-    out, n_long = [], 0
-    for row in rows:
-        ids, n_prompt = _encode_full(tokenizer, fmt, row[question_key], row[answer_key])
-        n_long += len(ids) > max_len
-        labels = [IGNORE] * n_prompt + ids[n_prompt:]
-        out.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
+    encoded = _encode_many(tokenizer, fmt, [(row[question_key], row[answer_key]) for row in rows]) if rows else []
+    n_long = sum(len(ids) > max_len for ids, _ in encoded)
     if n_long:
         warnings.warn(f"{n_long} of {len(rows)} samples are longer than max_len={max_len} tokens and were truncated",
                       stacklevel=2)
-    return out
+    return [_cut(ids, n_prompt, max_len) for ids, n_prompt in encoded]
 
 
 def target_rows(questions_from: Sequence[Mapping], answers: Sequence[str], seed: int = 0) -> list[dict]:
