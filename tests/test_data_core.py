@@ -137,6 +137,7 @@ def test_label_mask_chat_template(chat_tok, bench):
 def test_prompt_family_guess_and_errors(tok):
     assert prompt_format_for(tok).name == "qa"
     assert prompt_format_for(tok, "llama2-chat") == LLAMA2_CHAT
+    assert prompt_format_for(tok, LLAMA2_CHAT) is LLAMA2_CHAT
     with pytest.raises(DataError, match="chat template"):
         prompt_format_for(tok, "chat")
     with pytest.raises(DataError, match="unknown prompt family"):

@@ -64,12 +64,15 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return len(ids) > 0 and int(ids[0]) == int(bos)
 
 
-def prompt_format_for(tokenizer: Any, family: str | None = None) -> PromptFormat:
+def prompt_format_for(tokenizer: Any, family: str | PromptFormat | None = None) -> PromptFormat:
     """The prompt format for a tokenizer: by family name, or guessed from the tokenizer.
 
     Families: qa/base/phi/llama2/llama, llama2-chat, chat/instruct. Guess (family=None):
     a Llama-2 chat tokenizer -> llama2-chat; one with a chat template -> chat; else qa.
+    A PromptFormat is returned as it is.
     """
+    if isinstance(family, PromptFormat):
+        return family
     if family is None:
         name = str(getattr(tokenizer, "name_or_path", "")).lower()
         if "llama-2" in name and "chat" in name:
