@@ -1,0 +1,18 @@
+"""Unlearning objectives: pure loss functions with one signature and a registry.
+
+    objective(params, ref_params, batch, apply) -> (loss, metrics)
+
+See registry.py for the contract and how to add one; common.py for the NLL/KL conventions.
+"""
+
+from jaxunlearn.objectives import finetune, mox  # noqa: F401  (modules register themselves)
+from jaxunlearn.objectives.registry import (
+    OBJECTIVES,
+    Objective,
+    UnknownObjectiveError,
+    get_objective,
+    objective_from_spec,
+    register,
+)
+
+__all__ = ["OBJECTIVES", "Objective", "UnknownObjectiveError", "get_objective", "objective_from_spec", "register"]

@@ -1,0 +1,26 @@
+"""Plain fine-tuning (reference or retain model training).
+
+The training split is batch["train"] when present, else batch["retain"] (so a paired iterator
+whose retain side is the training split also works). Loss: NLL averaged over all scored tokens
+of the batch, the usual causal-LM fine-tuning loss.
+"""
+
+from __future__ import annotations
+
+from jaxunlearn.objectives.common import MissingBatchKeyError, logits_of, token_mean_nll
+from jaxunlearn.objectives.registry import register
+
+
+@register("finetune")
+def finetune():
+    def objective(params, ref_params, batch, apply):
+        if "train" in batch:
+            data = batch["train"]
+        elif "retain" in batch:
+            data = batch["retain"]
+        else:
+            raise MissingBatchKeyError(f"objective 'finetune' needs batch['train'] or batch['retain']; batch has keys {sorted(batch)}")
+        nll = token_mean_nll(logits_of(apply, params, data), data["labels"])
+        return nll, {"nll": nll}
+
+    return objective

@@ -1,0 +1,79 @@
+"""MOX memorisation objectives (minimised by gradient descent; see design/mox.md).
+
+  mox           mean forget NLL + retain_weight * KL(p_ref || p_theta) on retain data
+  mox_npo       (2/beta) * mean_F log sigmoid(-beta * (logp_theta(y|x) - logp_ref(y|x)))  (negated NPO)
+                + retain_weight * KL; unbounded below, so train it for a fixed budget
+  mox_targeted  mox - target_weight * NLL(target answer | forget prompt); batch["target"] holds
+                forget prompts paired with the target reply (e.g. "I don't know")
+
+Conventions for NLL and KL are in objectives/common.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxunlearn.objectives.common import (
+    kl_ref_to_model,
+    logits_of,
+    masked_mean,
+    mean_nll,
+    ref_logits_of,
+    require,
+    sequence_logprob,
+)
+from jaxunlearn.objectives.registry import register
+
+
+def retain_kl(params, ref_params, batch, apply, name: str) -> jax.Array:
+    """KL(p_ref || p_theta) over the retain batch."""
+    retain = require(batch, "retain", name)
+    return kl_ref_to_model(logits_of(apply, params, retain), ref_logits_of(apply, ref_params, retain), retain["attention_mask"])
+
+
+@register("mox")
+def mox(retain_weight: float = 1.0):
+    """Forget NLL + retain_weight * retain KL."""
+
+    def objective(params, ref_params, batch, apply):
+        forget = require(batch, "forget", "mox")
+        nll = mean_nll(logits_of(apply, params, forget), forget["labels"])
+        kl = retain_kl(params, ref_params, batch, apply, "mox")
+        loss = nll + retain_weight * kl
+        return loss, {"forget_nll": nll, "retain_kl": kl}
+
+    return objective
+
+
+@register("mox_npo")
+def mox_npo(retain_weight: float = 1.0, beta: float = 0.1):
+    """Negated NPO loss on the forget set + retain_weight * retain KL."""
+
+    def objective(params, ref_params, batch, apply):
+        forget = require(batch, "forget", "mox_npo")
+        logp, valid = sequence_logprob(logits_of(apply, params, forget), forget["labels"])
+        ref_logp, _ = sequence_logprob(ref_logits_of(apply, ref_params, forget), forget["labels"])
+        log_ratio = logp - ref_logp
+        npo_mem = (2.0 / beta) * masked_mean(jax.nn.log_sigmoid(-beta * log_ratio), valid)
+        kl = retain_kl(params, ref_params, batch, apply, "mox_npo")
+        loss = npo_mem + retain_weight * kl
+        return loss, {"forget_npo": npo_mem, "forget_log_ratio": masked_mean(log_ratio, valid), "retain_kl": kl}
+
+    return objective
+
+
+@register("mox_targeted")
+def mox_targeted(retain_weight: float = 1.0, target_weight: float = 1.0):
+    """MOX loss minus target_weight * NLL of the target answers."""
+
+    def objective(params, ref_params, batch, apply):
+        forget = require(batch, "forget", "mox_targeted")
+        target = require(batch, "target", "mox_targeted")
+        nll = mean_nll(logits_of(apply, params, forget), forget["labels"])
+        target_nll = mean_nll(logits_of(apply, params, target), target["labels"])
+        kl = retain_kl(params, ref_params, batch, apply, "mox_targeted")
+        loss = nll - target_weight * target_nll + retain_weight * kl
+        return loss, {"forget_nll": nll, "target_nll": target_nll, "retain_kl": kl}
+
+    return objective

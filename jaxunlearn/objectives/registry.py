@@ -1,0 +1,60 @@
+"""The objective registry: name -> factory(**hparams) -> objective.
+
+Every objective has one signature:
+
+    objective(params, ref_params, batch, apply) -> (loss, metrics)
+
+  params      trainable parameter pytree
+  ref_params  frozen reference parameters (never differentiated; may be unused)
+  batch       dict of batches, e.g. {"forget": b, "retain": b, "target": b} (see jaxunlearn.ops)
+  apply       apply(params, input_ids, attention_mask) -> logits [B, T, V]
+  loss        scalar to minimise by gradient descent
+  metrics     dict[str, scalar]
+
+Adding an objective: write a factory in its own module under jaxunlearn/objectives/, decorate it
+with `@register("name")`, and import that module in jaxunlearn/objectives/__init__.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+Objective = Callable[..., tuple[Any, dict[str, Any]]]
+OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+
+
+class UnknownObjectiveError(ValueError):
+    """No objective of that name, or a hyper-parameter it does not take."""
+
+
+def register(name: str):
+    """Decorator adding a factory to OBJECTIVES under `name`."""
+
+    def add(factory):
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is registered twice")
+        OBJECTIVES[name] = factory
+        return factory
+
+    return add
+
+
+def get_objective(name: str, **hparams) -> Objective:
+    """Build a registered objective; unknown names or hyper-parameters raise one-line errors."""
+    if name not in OBJECTIVES:
+        raise UnknownObjectiveError(f"unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
+    factory = OBJECTIVES[name]
+    accepted = set(inspect.signature(factory).parameters)
+    extra = sorted(set(hparams) - accepted)
+    if extra:
+        raise UnknownObjectiveError(f"objective {name!r} does not take {extra} (takes: {sorted(accepted)})")
+    return factory(**hparams)
+
+
+def objective_from_spec(spec) -> Objective:
+    """Build `spec.objective` passing the fields of `spec` (e.g. a MoxSpec) that its factory takes."""
+    if spec.objective not in OBJECTIVES:
+        raise UnknownObjectiveError(f"unknown objective {spec.objective!r} (known: {', '.join(sorted(OBJECTIVES))})")
+    accepted = inspect.signature(OBJECTIVES[spec.objective]).parameters
+    return get_objective(spec.objective, **{k: getattr(spec, k) for k in accepted if hasattr(spec, k)})
