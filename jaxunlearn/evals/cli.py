@@ -1,0 +1,226 @@
+"""`jaxunlearn eval`: TOFU (or MUSE) evaluation of a run directory or a Hugging Face folder.
+
+    jaxunlearn eval RUN [--which reference memorized forget sweep] [--alpha A ...] [--out DIR]
+    jaxunlearn eval HF_FOLDER --benchmark tofu --data-source DIR [--forget-split forget10] --out DIR
+    jaxunlearn eval HF_FOLDER --benchmark muse --data-source DIR [--retrain-auc X] --out DIR
+
+A run directory (RUN/config.yaml, see jaxunlearn.checkpoint) brings its own benchmark, tokenizer and
+prompt format; `--which sweep` evaluates every forget model in RUN/forget (an alpha sweep). An HF
+folder is loaded with jaxunlearn.models.load_hf and its own tokenizer (or --tokenizer).
+
+Writes, per evaluated model LABEL: OUT/LABEL.summary.json and OUT/LABEL.per_sample.json; then
+OUT/results.md (a markdown table of every summary in OUT), OUT/tradeoff.png (forget quality vs model
+utility) and, for a run, OUT/training.png (metrics.jsonl over steps). Forget quality needs the retain
+model's per-sample file (--retain-results RETAIN_OUT/LABEL.per_sample.json); without it it is n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxunlearn eval", description="evaluate a run directory or an HF folder")
+    p.add_argument("target", help="run directory (with config.yaml) or Hugging Face model folder")
+    p.add_argument("--which", nargs="+", default=["forget"],
+                   help="for a run: any of reference, memorized, forget, sweep (every alpha in RUN/forget)")
+    p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's mox.alpha)")
+    p.add_argument("--step", type=int, help="for --which memorized: the step (default: latest)")
+    p.add_argument("--benchmark", choices=["tofu", "synthetic", "muse"], help="for an HF folder (default tofu)")
+    p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the hub")
+    p.add_argument("--forget-split", default="forget10")
+    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--muse-corpus", default="news")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's folder)")
+    p.add_argument("--prompt-format", help="qa, llama2-chat or chat (default: from the tokenizer)")
+    p.add_argument("--retain-results", help="retain model's per-sample JSON (enables forget quality)")
+    p.add_argument("--retrain-auc", type=float, help="MUSE: retrained model's Min-K%% AUC (enables PrivLeak)")
+    p.add_argument("--out", help="output folder (default RUN/eval for a run; required for an HF folder)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mesh-data", type=int, default=-1, help="data-parallel mesh size (-1: all devices)")
+    p.add_argument("--no-mia", action="store_true", help="skip the forget-vs-holdout MIA AUCs")
+    p.add_argument("--label", help="label of the evaluated model (HF folder; default: the folder name)")
+    return p
+
+
+def _buckets(max_len: int) -> tuple[int, ...]:
+    out, b = [], 32
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_len,)
+
+
+def _write(out: pathlib.Path, label: str, summary: dict, per_sample: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{label}.summary.json").write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
+    (out / f"{label}.per_sample.json").write_text(json.dumps(per_sample, ensure_ascii=False) + "\n")
+    print(f"wrote {out / (label + '.summary.json')}")
+
+
+def _evaluate(ev, bench, args, label: str, extra: dict | None = None) -> dict:
+    if args.benchmark == "muse":
+        from jaxunlearn.evals.muse import evaluate_muse
+
+        summary, per_sample = evaluate_muse(ev, bench, retrain_auc=args.retrain_auc, model_name=label)
+    else:
+        from jaxunlearn.evals.tofu import evaluate_tofu, load_forget_ratios
+
+        retain = load_forget_ratios(args.retain_results) if args.retain_results else None
+        summary, per_sample = evaluate_tofu(ev, bench, retain, args.max_new_tokens, label, with_mia=not args.no_mia)
+    summary.update(extra or {})
+    _write(pathlib.Path(args.out), label, summary, per_sample)
+    return summary
+
+
+def _hf_target(args) -> list[tuple[str, str, dict]]:
+    from transformers import AutoTokenizer
+
+    from jaxunlearn import data
+    from jaxunlearn.evals.evaluator import Evaluator
+    from jaxunlearn.models import load_hf, split_params
+    from jaxunlearn.sharding import make_mesh
+
+    folder = pathlib.Path(args.target)
+    if args.out is None:
+        raise ValueError("--out is required when evaluating a Hugging Face folder")
+    args.benchmark = args.benchmark or "tofu"
+    if args.benchmark == "tofu":
+        bench = data.tofu_benchmark(args.forget_split, source=args.data_source)
+    elif args.benchmark == "synthetic":
+        bench = data.synthetic_benchmark(seed=args.synthetic_seed)
+    else:
+        bench = data.muse_benchmark(args.muse_corpus, source=args.data_source)
+    tok_dir = pathlib.Path(args.tokenizer or folder)
+    if args.benchmark == "synthetic" and args.tokenizer is None and not (tok_dir / "tokenizer.json").exists():
+        tok = data.synthetic_tokenizer(bench)
+    else:
+        if not tok_dir.is_dir():
+            raise FileNotFoundError(f"tokenizer folder not found: {tok_dir}")
+        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = load_hf(folder)
+    graphdef, params = split_params(model)
+    fmt = data.prompt_format_for(tok, args.prompt_format)
+    ev = Evaluator.create(graphdef, params, model.config, tok, fmt, mesh=make_mesh(data=args.mesh_data),
+                          batch_size=args.batch_size, buckets=_buckets(args.max_len), max_len=args.max_len)
+    label = args.label or folder.name
+    return [(label, "hf", _evaluate(ev, bench, args, label))]
+
+
+def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
+    """(label, load kwargs) of every model of the run that --which asks for."""
+    from jaxunlearn import checkpoint as ck
+
+    out: list[tuple[str, dict]] = []
+    for which in args.which:
+        if which == "reference":
+            out.append(("reference", {"which": "reference"}))
+        elif which == "memorized":
+            out.append(("memorized", {"which": "memorized", "step": args.step}))
+        elif which == "forget":
+            for a in args.alpha or [cfg.mox.alpha]:
+                out.append((f"forget_alpha_{float(a)}", {"which": "forget", "alpha": a}))
+        elif which == "sweep":
+            metas = ck.list_forget(run)
+            if not metas:
+                raise FileNotFoundError(f"{run / ck.FORGET_DIR}: no forget models to sweep")
+            for m in metas:
+                out.append((pathlib.Path(m["path"]).name, {"which": "forget", "alpha": m["alpha"], "eta": m.get("eta")}))
+        else:
+            raise ValueError(f"--which {which!r}: expected reference, memorized, forget or sweep")
+    return out
+
+
+def _run_target(args) -> list[tuple[str, str, dict]]:
+    from jaxunlearn import checkpoint as ck
+    from jaxunlearn import data, runner
+    from jaxunlearn.evals.evaluator import Evaluator
+    from jaxunlearn.sharding import batch_shards, batch_sharding, make_mesh
+
+    run = pathlib.Path(args.target)
+    cfg, _ = runner.run_setup(run)
+    args.out = args.out or str(run / "eval")
+    args.benchmark = args.benchmark or cfg.data.benchmark
+    bench = runner.load_benchmark(cfg.data)
+    tok = runner.load_tokenizer(cfg, bench)
+    fmt = data.prompt_format_for(tok, args.prompt_format or cfg.data.prompt_format)
+    mesh = make_mesh(data=args.mesh_data)
+    results, ev = [], None
+    for label, kw in _run_models(run, args, cfg):
+        setup, params, _ = runner.load_run_params(run, mesh=mesh, **kw)
+        if ev is None:
+            shards = batch_shards(mesh)
+            ev = Evaluator(setup.graphdef, params, setup.model_cfg, tok, fmt,
+                           batch_size=-(-args.batch_size // shards) * shards, buckets=_buckets(args.max_len),
+                           max_len=args.max_len, param_shardings=setup.shardings, batch_sharding=batch_sharding(mesh))
+        else:
+            ev = ev.with_params(params)
+        info = {"dir": str(run), "method": cfg.method, **{k: v for k, v in kw.items() if v is not None}}
+        summary = _evaluate(ev, bench, args, label, {"run": info})
+        results.append((label, cfg.method, summary))
+    from jaxunlearn.evals.report import plot_training
+
+    plot_training(ck.read_metrics(run), pathlib.Path(args.out) / "training.png")
+    return results
+
+
+def write_reports(out: pathlib.Path) -> None:
+    """results.md and tradeoff.png from every *.summary.json in out."""
+    from jaxunlearn.evals.report import markdown_table, plot_tradeoff
+
+    rows = []
+    for f in sorted(out.glob("*.summary.json")):
+        rows.append((f.name[: -len(".summary.json")], json.loads(f.read_text())))
+    if not rows:
+        return
+    tofu_rows = [(label, s) for label, s in rows if "forget" in s]
+    if tofu_rows:
+        (out / "results.md").write_text(markdown_table(tofu_rows))
+        points = [{"label": label, "method": (s.get("run") or {}).get("method", ""), "summary": s}
+                  for label, s in tofu_rows if s.get("model_utility") is not None]
+        if points:
+            plot_tradeoff(points, out / "tradeoff.png")
+    print(f"wrote {out / 'results.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        target = pathlib.Path(args.target)
+        if (target / "config.yaml").is_file():
+            results = _run_target(args)
+        elif (target / "config.json").is_file():
+            results = _hf_target(args)
+        elif not target.exists():
+            raise FileNotFoundError(f"{target}: no such run directory or model folder")
+        else:
+            raise FileNotFoundError(f"{target}: neither a run directory (config.yaml) nor an HF folder (config.json)")
+        write_reports(pathlib.Path(args.out))
+        for label, _, s in results:
+            print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in _headline(s).items()))
+        return 0
+    except (ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"jaxunlearn eval: error: {msg}", file=sys.stderr)
+        return 1
+
+
+def _headline(s: dict) -> dict[str, float]:
+    keys = [("forget_quality",), ("model_utility",), ("forget", "rouge"), ("retain", "rouge"), ("priv_leak",),
+            ("verbmem_forget",), ("knowmem_forget",), ("knowmem_retain",)]
+    from jaxunlearn.evals.report import lookup
+
+    out: dict[str, Any] = {}
+    for k in keys:
+        v = lookup(s, k)
+        if isinstance(v, (int, float)):
+            out["/".join(k)] = float(v)
+    return out

@@ -1,0 +1,145 @@
+"""One model + tokenizer, ready to score and generate: the compiled functions and their shardings.
+
+    ev = Evaluator.create(graphdef, params, model_config, tokenizer, mesh=make_mesh())
+    scores = ev.score_qa(rows)                  # list[SampleScore], teacher forced, answer tokens only
+    texts = ev.generate_answers(questions, 200) # greedy, KV cache, EOS / stop strings
+
+Compiled functions are cached per (kind, max_new_tokens), and jit keeps one executable per bucket
+shape, so evaluating several splits (or several models with the same graphdef) reuses them.
+With a mesh, parameters are placed by their logical axes (`jaxunlearn.sharding`), batches are
+split over ("data", "fsdp"), and the batch size is rounded up to a multiple of the batch shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from jaxunlearn.evals import generate as gen_mod
+from jaxunlearn.evals.scoring import SampleScore, make_score_fn, score_examples
+
+DEFAULT_EVAL_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass
+class Evaluator:
+    """Scoring and generation for one set of parameters (see module docstring)."""
+
+    graphdef: Any
+    params: Any
+    model_config: Any
+    tokenizer: Any
+    fmt: Any
+    batch_size: int = 16
+    buckets: Sequence[int] = DEFAULT_EVAL_BUCKETS
+    max_len: int = 512
+    param_shardings: Any = None
+    batch_sharding: Any = None
+    cache_dtype: str = "float32"
+    _fns: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def create(cls, graphdef, params, model_config, tokenizer, fmt=None, mesh=None, batch_size: int = 16,
+               **kw) -> "Evaluator":
+        """Build from split parameters; with a mesh, place them on it (by logical axes)."""
+        from jaxunlearn.data import prompt_format_for
+
+        fmt = prompt_format_for(tokenizer) if fmt is None else fmt
+        p_shard = b_shard = None
+        if mesh is not None:
+            from jaxunlearn.models import param_logical_axes
+            from jaxunlearn.sharding import batch_shards, batch_sharding, param_shardings
+
+            p_shard = param_shardings(param_logical_axes(params), mesh, params)
+            b_shard = batch_sharding(mesh)
+            shards = batch_shards(mesh)
+            batch_size = -(-batch_size // shards) * shards
+            params = jax.device_put(params, p_shard)
+        return cls(graphdef, params, model_config, tokenizer, fmt, batch_size=batch_size,
+                   param_shardings=p_shard, batch_sharding=b_shard, **kw)
+
+    def with_params(self, params) -> "Evaluator":
+        """The same compiled functions for other parameters of the same model (e.g. another alpha)."""
+        if self.param_shardings is not None:
+            params = jax.device_put(params, self.param_shardings)
+        out = Evaluator(**{**self.__dict__, "params": params})
+        out._fns = self._fns
+        return out
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def eos_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        return None if eos is None else int(eos)
+
+    # ------------------------------------------------------------------ teacher forcing
+    def _score_fn(self) -> Callable:
+        if "score" not in self._fns:
+            from jaxunlearn.models import make_apply
+
+            self._fns["score"] = make_score_fn(make_apply(self.graphdef), self.param_shardings, self.batch_sharding)
+        return self._fns["score"]
+
+    def score_examples(self, examples: Sequence[Mapping]) -> list[SampleScore]:
+        """Teacher-forced scores of encoded examples (dict input_ids, labels)."""
+        if not examples:
+            return []
+        return score_examples(self._score_fn(), self.params, examples, self.batch_size, self.pad_id,
+                              self.buckets, self.batch_sharding)
+
+    def encode_qa(self, question: str, answer: str) -> dict:
+        from jaxunlearn.data import encode_qa
+
+        return encode_qa(self.tokenizer, self.fmt, question, answer, self.max_len)
+
+    def score_qa(self, pairs: Sequence[tuple[str, str]]) -> list[SampleScore]:
+        """Scores of (question, answer) pairs, answer tokens (and EOS) only."""
+        return self.score_examples([self.encode_qa(q, a) for q, a in pairs])
+
+    def score_texts(self, texts: Sequence[str]) -> list[SampleScore]:
+        """Scores of raw texts, every token scored (one example per text, cut at max_len)."""
+        from jaxunlearn.data import encode_texts
+
+        out = []
+        for t in texts:
+            chunks = encode_texts(self.tokenizer, [t], self.max_len)
+            out.append(chunks[0])
+        return self.score_examples(out)
+
+    # ------------------------------------------------------------------ generation
+    def _gen_fn(self, max_new_tokens: int) -> Callable:
+        key = ("gen", int(max_new_tokens))
+        if key not in self._fns:
+            from jaxunlearn.models import init_cache, make_decode
+
+            new_cache = functools.partial(init_cache, self.model_config, dtype=self.cache_dtype)
+            self._fns[key] = gen_mod.make_generate_fn(make_decode(self.graphdef), new_cache, max_new_tokens,
+                                                      self.eos_id, self.pad_id, self.param_shardings,
+                                                      self.batch_sharding)
+        return self._fns[key]
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if not prompts:
+            return []
+        return gen_mod.generate_tokens(self._gen_fn(max_new_tokens), self.params, prompts, self.batch_size,
+                                       self.pad_id, self.eos_id, self.buckets, self.batch_sharding)
+
+    def generate_texts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       stop_strings: Sequence[str] = ()) -> list[str]:
+        """Greedy continuations of token-id prompts, decoded and cut at stop strings."""
+        return gen_mod.decode_texts(self.tokenizer, self.generate_ids(prompts, max_new_tokens), stop_strings)
+
+    def generate_answers(self, questions: Sequence[str], max_new_tokens: int,
+                         stop_strings: Sequence[str] = ()) -> list[str]:
+        """Greedy answers to questions in the evaluator's prompt format."""
+        from jaxunlearn.data import encode_prompt
+
+        prompts = [encode_prompt(self.tokenizer, self.fmt, q) for q in questions]
+        return self.generate_texts(prompts, max_new_tokens, stop_strings)

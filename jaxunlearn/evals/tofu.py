@@ -1,0 +1,161 @@
+"""TOFU evaluation of one model on an UnlearnBenchmark (TOFU itself or the synthetic benchmark).
+
+Splits evaluated (whole splits; older TOFU code used only the first 300 rows, we record sizes):
+  forget        bench.forget_perturbed: probability of the answer, truth ratio (paraphrased answer
+                vs perturbed answers), ROUGE-L recall of the greedy answer, exact memorisation and
+                extraction strength of the answer
+  retain        bench.retain_perturbed: the same, truth-ratio score max(0, 1 - R)
+  real_authors, world_facts (bench.extra_evals): normalised probability P(a)/(P(a) + sum P(perturbed)),
+                truth ratio of the answer itself vs the perturbed answers, ROUGE-L recall
+  mia           forget vs holdout (question, answer) rows: LOSS, ZLib, Min-K%, Min-K%++ AUC
+
+Forget quality needs the retain model's per-sample forget truth ratios (`retain_ratios`, e.g. from
+the retain model's per-sample JSON: `load_forget_ratios`); without them it is None (undefined).
+Model utility is the harmonic mean of the nine retain / real_authors / world_facts values.
+
+As in the TOFU code, every answer is scored in a separate forward pass with its question, and a
+sample's loss is the mean NLL over its answer tokens plus EOS (`jaxunlearn.data.encode_qa`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxunlearn.evals import metrics as M
+from jaxunlearn.evals import mia
+from jaxunlearn.evals.scoring import SampleScore
+
+SPLIT_SOURCES = {"forget": "forget_perturbed", "retain": "retain_perturbed"}
+EXTRA_SPLITS = ("real_authors", "world_facts")
+TOFU_MAX_NEW_TOKENS = 200
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (a row without perturbed answers, an unreadable results file, ...)."""
+
+
+def _perturbed(rows: Sequence[dict], split: str) -> list[list[str]]:
+    out = []
+    for i, r in enumerate(rows):
+        pert = r.get("perturbed_answer")
+        if not isinstance(pert, list) or not pert:
+            raise EvalError(f"{split} row {i}: 'perturbed_answer' must be a non-empty list")
+        out.append([str(p) for p in pert])
+    if len({len(p) for p in out}) > 1:
+        raise EvalError(f"{split}: rows have different numbers of perturbed answers "
+                        f"({sorted({len(p) for p in out})}); the truth ratio needs the same count per row")
+    return out
+
+
+def _mean_nll(scores: Sequence[SampleScore]) -> np.ndarray:
+    return np.array([s.mean_nll for s in scores], dtype=np.float64)
+
+
+def _perturbed_nll(ev, rows, perturbed) -> np.ndarray:
+    pairs = [(r["question"], p) for r, ps in zip(rows, perturbed) for p in ps]
+    flat = _mean_nll(ev.score_qa(pairs))
+    return flat.reshape(len(rows), -1)
+
+
+def evaluate_split(ev, rows: Sequence[dict], split: str, max_new_tokens: int = TOFU_MAX_NEW_TOKENS) -> tuple[dict, list[dict]]:
+    """(summary, per-sample records) of one TOFU split; split in forget / retain / an extra eval."""
+    if not rows:
+        raise EvalError(f"{split}: no rows to evaluate")
+    is_extra = split not in SPLIT_SOURCES
+    perturbed = _perturbed(rows, split)
+    gt = ev.score_qa([(r["question"], r["answer"]) for r in rows])
+    gt_nll = _mean_nll(gt)
+    pert_nll = _perturbed_nll(ev, rows, perturbed)
+    if is_extra:
+        true_nll = gt_nll
+        prob = M.normalised_probability(gt_nll, pert_nll)
+    else:
+        missing = [i for i, r in enumerate(rows) if not r.get("paraphrased_answer")]
+        if missing:
+            raise EvalError(f"{split} row {missing[0]}: missing 'paraphrased_answer'")
+        true_nll = _mean_nll(ev.score_qa([(r["question"], r["paraphrased_answer"]) for r in rows]))
+        prob = M.probability(gt_nll)
+    ratios = M.truth_ratio(true_nll, pert_nll)
+    generations = ev.generate_answers([r["question"] for r in rows], max_new_tokens)
+    rouge = np.array([M.rouge_l_recall(g, r["answer"]) for g, r in zip(generations, rows)])
+    tr_score = M.forget_truth_score(ratios) if split == "forget" else M.retain_truth_score(ratios)
+
+    summary = {"n": len(rows), "prob": float(prob.mean()), "rouge": float(rouge.mean()), "truth_ratio": tr_score}
+    records = []
+    for i, r in enumerate(rows):
+        rec = {"index": i, "question": r["question"], "answer": r["answer"], "generation": generations[i],
+               "mean_nll": float(gt_nll[i]), "prob": float(prob[i]), "true_mean_nll": float(true_nll[i]),
+               "perturbed_mean_nll": pert_nll[i].tolist(), "truth_ratio": float(ratios[i]),
+               "rouge_recall": float(rouge[i])}
+        if not is_extra:
+            rec["exact_memorisation"] = mia.exact_memorisation(gt[i].match)
+            rec["extraction_strength"] = mia.extraction_strength(gt[i].match)
+        records.append(rec)
+    if not is_extra:
+        summary["exact_memorisation"] = float(np.mean([r["exact_memorisation"] for r in records]))
+        summary["extraction_strength"] = float(np.mean([r["extraction_strength"] for r in records]))
+    return summary, records
+
+
+def _example_text(ev, row: dict) -> str:
+    from jaxunlearn.data import prompt_text
+
+    return prompt_text(ev.tokenizer, ev.fmt, row["question"]) + ev.fmt.answer_template.format(a=row["answer"])
+
+
+def mia_scores(ev, rows: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Per-sample LOSS, ZLib, Min-K% and Min-K%++ (k = 0.4) scores of QA rows (answer tokens scored).
+
+    ZLib divides by the compressed length of the whole example text (prompt + answer).
+    """
+    scores = ev.score_qa([(r["question"], r["answer"]) for r in rows])
+    return {
+        "loss": np.array([mia.loss_score(s.logp) for s in scores]),
+        "zlib": np.array([mia.zlib_score(s.logp, _example_text(ev, r)) for s, r in zip(scores, rows)]),
+        "min_k": np.array([mia.min_k_score(s.logp) for s in scores]),
+        "min_k_pp": np.array([mia.min_k_pp_score(s.z) for s in scores]),
+    }
+
+
+def evaluate_mia(ev, forget_rows: Sequence[dict], holdout_rows: Sequence[dict]) -> dict[str, float]:
+    """AUC of each attack separating forget (trained on) from holdout (never trained on)."""
+    f, h = mia_scores(ev, forget_rows), mia_scores(ev, holdout_rows)
+    return {f"{name}_auc": mia.mia_auc(f[name], h[name]) for name in f}
+
+
+def evaluate_tofu(ev, bench, retain_ratios=None, max_new_tokens: int = TOFU_MAX_NEW_TOKENS,
+                  model_name: str = "", with_mia: bool = True) -> tuple[dict, dict]:
+    """(summary, per_sample) for one model. Both are JSON-ready dicts."""
+    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "sizes": {},
+                               "whole_splits": True, "max_new_tokens": int(max_new_tokens)}
+    per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name}
+    plan = [(name, getattr(bench, src)) for name, src in SPLIT_SOURCES.items()]
+    plan += [(name, bench.extra_evals[name]) for name in EXTRA_SPLITS if bench.extra_evals.get(name)]
+    for name, rows in plan:
+        summary[name], per_sample[name] = evaluate_split(ev, rows, name, max_new_tokens)
+        summary["sizes"][name] = len(rows)
+    forget_r = [r["truth_ratio"] for r in per_sample["forget"]]
+    summary["forget_quality"] = M.forget_quality(forget_r, retain_ratios)
+    utility = {f"{s}/{m}": summary[s][m] for s in ("retain",) + EXTRA_SPLITS if s in summary
+               for m in ("prob", "rouge", "truth_ratio")}
+    summary["model_utility"] = M.model_utility(utility) if len(utility) == len(M.UTILITY_KEYS) else None
+    if with_mia and bench.holdout:
+        summary["mia"] = evaluate_mia(ev, bench.forget, bench.holdout)
+        summary["sizes"]["mia_forget"], summary["sizes"]["mia_holdout"] = len(bench.forget), len(bench.holdout)
+    return summary, per_sample
+
+
+def load_forget_ratios(path: str | pathlib.Path) -> list[float]:
+    """Per-sample forget truth ratios from a per-sample JSON written by `evaluate_tofu` / `jaxunlearn eval`."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: retain-model results file not found")
+    try:
+        data = json.loads(p.read_text())
+        return [float(r["truth_ratio"]) for r in data["forget"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise EvalError(f"{p}: not a per-sample results file with forget truth ratios ({e})") from None
