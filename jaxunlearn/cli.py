@@ -8,6 +8,7 @@ A subcommand is a function `main(argv: list[str]) -> int`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, function, one-line help)
@@ -18,7 +19,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extrapolate": ("jaxunlearn.runner", "extrapolate_main", "write forget models for given alphas from a run"),
     "export-hf": ("jaxunlearn.runner", "export_hf_main", "export a run's parameters as a Hugging Face folder"),
     "eval": ("jaxunlearn.evals.cli", "main", "evaluate a run directory or a Hugging Face folder"),
+    "data": ("jaxunlearn.data.cli", "main", "validate a benchmark and print its split sizes"),
 }
+
+# Expected failures (bad config, bad data, missing files, hash mismatches, non-finite losses) are raised
+# as these types with a message naming what is wrong; the CLI prints that one line and exits non-zero.
+# Set JAXUNLEARN_DEBUG=1 to see the full traceback instead.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 def _usage() -> str:
@@ -38,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxunlearn: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except USER_ERRORS as err:
+        if os.environ.get("JAXUNLEARN_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"jaxunlearn {name}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
