@@ -41,25 +41,26 @@ LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
 
 
 # --------------------------------------------------------------------------- parameters
-def _param(rngs: nnx.Rngs | None, shape, axes, param_dtype, init: str = "normal", std: float = 0.02):
-    """An nnx.Param with logical axis metadata (no eager sharding)."""
+def _param(rng: np.random.Generator | None, shape, axes, param_dtype, init: str = "normal", std: float = 0.02):
+    """An nnx.Param with logical axis metadata (not applied eagerly). Random values come from a numpy
+    generator (fast and bit-reproducible on any host); rng=None gives zeros (abstract/loading targets)."""
     if init == "ones":
         value = jnp.ones(shape, param_dtype)
-    elif init == "zeros":
+    elif init == "zeros" or rng is None:
         value = jnp.zeros(shape, param_dtype)
     else:
-        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(param_dtype)
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+        value = jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(std), dtype=param_dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Dense(nnx.Module):
     """y = x . kernel (+ bias); kernel of any rank: contracts `n_in` leading kernel dims with x's trailing dims."""
 
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias, rngs, dtype, param_dtype):
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias, rng, dtype, param_dtype):
         self.n_in = len(in_shape)
         self.dtype = dtype
-        self.kernel = _param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), param_dtype)
-        self.bias = _param(rngs, tuple(out_shape), tuple(out_axes), param_dtype, init="zeros") if bias else None
+        self.kernel = _param(rng, (*in_shape, *out_shape), (*in_axes, *out_axes), param_dtype)
+        self.bias = _param(rng, tuple(out_shape), tuple(out_axes), param_dtype, init="zeros") if bias else None
 
     def __call__(self, x):
         k = self.kernel[...].astype(self.dtype)
@@ -178,9 +179,9 @@ def attention_bias(query_slots, kv_mask, window: int | None) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rng, dtype, param_dtype):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        common = dict(rng=rng, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Dense((e,), (h, d), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, **common)
         self.k_proj = Dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **common)
         self.v_proj = Dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **common)
@@ -214,9 +215,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Gated SiLU MLP (Llama family): down(act(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rng, dtype, param_dtype):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        common = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        common = dict(bias=cfg.mlp_bias, rng=rng, dtype=dtype, param_dtype=param_dtype)
         self.gate_proj = Dense((e,), (f,), ("embed",), ("mlp",), **common)
         self.up_proj = Dense((e,), (f,), ("embed",), ("mlp",), **common)
         self.down_proj = Dense((f,), (e,), ("mlp",), ("embed",), **common)
@@ -229,9 +230,9 @@ class MLP(nnx.Module):
 class PhiMLP(nnx.Module):
     """Two-layer MLP with biases (Phi): fc2(act(fc1(x)))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rng, dtype, param_dtype):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        common = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        common = dict(bias=cfg.mlp_bias, rng=rng, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = Dense((e,), (f,), ("embed",), ("mlp",), **common)
         self.fc2 = Dense((f,), (e,), ("mlp",), ("embed",), **common)
         self.act = activation(cfg.hidden_act)
@@ -243,16 +244,16 @@ class PhiMLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Llama: x + attn(norm1 x), then + mlp(norm2 .). Phi: x + attn(norm x) + mlp(norm x)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rng, dtype, param_dtype):
         common = dict(dtype=dtype, param_dtype=param_dtype)
         self.parallel = cfg.arch == "phi"
         self.input_layernorm = _norm(cfg, **common)
-        self.self_attn = Attention(cfg, layer, rngs=rngs, **common)
+        self.self_attn = Attention(cfg, layer, rng=rng, **common)
         if self.parallel:
-            self.mlp = PhiMLP(cfg, rngs=rngs, **common)
+            self.mlp = PhiMLP(cfg, rng=rng, **common)
         else:
             self.post_attention_layernorm = _norm(cfg, **common)
-            self.mlp = MLP(cfg, rngs=rngs, **common)
+            self.mlp = MLP(cfg, rng=rng, **common)
 
     def __call__(self, x, cos, sin, query_slots, kv_mask, cache=None, cache_index=None):
         h = self.input_layernorm(x)
@@ -266,23 +267,22 @@ class DecoderLayer(nnx.Module):
 class CausalLM(nnx.Module):
     """Decoder-only causal language model; see the module docstring for the calling conventions."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+    def __init__(self, cfg: ModelConfig, *, seed: int | None = 0, dtype="float32", param_dtype="float32"):
         dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        rng = None if seed is None else np.random.default_rng(seed)
         self.config = cfg
         self.dtype = dtype
         self.embed_tokens = nnx.Module()
-        self.embed_tokens.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+        self.embed_tokens.embedding = _param(rng, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                              param_dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rng=rng, dtype=dtype, param_dtype=param_dtype)
                                 for i in range(cfg.num_layers)])
         self.norm = _norm(cfg, dtype, param_dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Module()
-            self.lm_head.kernel = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
-            self.lm_head.bias = (_param(None, (cfg.vocab_size,), ("vocab",), param_dtype, init="zeros")
-                                 if cfg.lm_head_bias else None)
-        else:
-            self.lm_head = None
+        self.lm_head = nnx.Module()  # kernel None when tied to the embedding; bias only where the arch has one
+        self.lm_head.kernel = (None if cfg.tie_word_embeddings else
+                               _param(rng, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype))
+        self.lm_head.bias = (_param(None, (cfg.vocab_size,), ("vocab",), param_dtype, init="zeros")
+                             if cfg.lm_head_bias else None)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
         """Logits [B, T, V] (float32) for a padded batch; see the module docstring for masks/positions."""
@@ -312,12 +312,12 @@ class CausalLM(nnx.Module):
         return self._logits(x), new_cache
 
     def _logits(self, x):
-        if self.lm_head is None:
+        if self.lm_head.kernel is None:
             kernel = self.embed_tokens.embedding[...].astype(self.dtype).T
         else:
             kernel = self.lm_head.kernel[...].astype(self.dtype)
         logits = jnp.einsum("bte,ev->btv", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
-        if self.lm_head is not None and self.lm_head.bias is not None:
+        if self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return logits
 
@@ -340,8 +340,9 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------- functional API
 def init_model(cfg: ModelConfig, seed: int = 0, dtype="float32", param_dtype="float32") -> CausalLM:
-    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
-    return CausalLM(cfg, rngs=nnx.Rngs(params=seed), dtype=dtype, param_dtype=param_dtype)
+    """A randomly initialised model: normal(0, 0.02) weights drawn in a fixed order from
+    numpy's default_rng(seed), unit norm scales, zero biases."""
+    return CausalLM(cfg, seed=seed, dtype=dtype, param_dtype=param_dtype)
 
 
 def split_params(model: CausalLM):
