@@ -194,7 +194,7 @@ def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig 
     if tied_head:
         _check_tied(files, values[("embed_tokens", "embedding")], target)
     for path, value in values.items():
-        _at(params, path).value = value
+        _at(params, path).set_value(value)
     return nnx.merge(graphdef, params)
 
 
