@@ -58,17 +58,19 @@ def min_k_auc(ev, forget_texts: Sequence[str], holdout_texts: Sequence[str]) -> 
     return mia.mia_auc(f, h)
 
 
-def evaluate_muse(ev, bench, retrain_auc: float | None = None, model_name: str = "") -> tuple[dict, dict]:
+def evaluate_muse(ev, bench, retrain_auc: float | None = None, model_name: str = "",
+                  verbmem_tokens: int = VERBMEM_NEW_TOKENS, knowmem_tokens: int = KNOWMEM_NEW_TOKENS) -> tuple[dict, dict]:
     """(summary, per_sample) with VerbMem, KnowMem forget/retain, Min-K% AUC and PrivLeak."""
-    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "sizes": {}}
+    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "sizes": {},
+                               "verbmem_tokens": int(verbmem_tokens), "knowmem_tokens": int(knowmem_tokens)}
     per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name}
     if bench.verbmem_forget:
-        summary["verbmem_forget"], per_sample["verbmem_forget"] = verbmem(ev, bench.verbmem_forget)
+        summary["verbmem_forget"], per_sample["verbmem_forget"] = verbmem(ev, bench.verbmem_forget, verbmem_tokens)
         summary["sizes"]["verbmem_forget"] = len(bench.verbmem_forget)
     for split, rows, icl in (("forget", bench.knowmem_forget, bench.knowmem_forget_icl),
                              ("retain", bench.knowmem_retain, bench.knowmem_retain_icl)):
         if rows:
-            summary[f"knowmem_{split}"], per_sample[f"knowmem_{split}"] = knowmem(ev, rows, icl)
+            summary[f"knowmem_{split}"], per_sample[f"knowmem_{split}"] = knowmem(ev, rows, icl, knowmem_tokens)
             summary["sizes"][f"knowmem_{split}"] = len(rows)
     forget = bench.privleak.get("forget") if bench.privleak else None
     holdout = bench.privleak.get("holdout") if bench.privleak else None

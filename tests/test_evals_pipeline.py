@@ -1,0 +1,196 @@
+"""TOFU / MUSE pipelines, reports and `jaxunlearn eval` on a tiny random model and a small synthetic benchmark."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxunlearn import checkpoint as ck
+from jaxunlearn.data import MuseBenchmark, prompt_format_for, synthetic_benchmark, synthetic_tokenizer
+from jaxunlearn.evals import cli, report
+from jaxunlearn.evals import metrics as M
+from jaxunlearn.evals.evaluator import Evaluator
+from jaxunlearn.evals.muse import evaluate_muse
+from jaxunlearn.evals.tofu import evaluate_tofu, load_forget_ratios
+from jaxunlearn.models import ModelConfig, init_model, split_params
+from jaxunlearn.sharding import make_mesh
+
+N_NEW = 6
+BUCKETS = (64,)  # one shape: one compile per function
+
+
+@pytest.fixture(scope="module")
+def full_bench():
+    return synthetic_benchmark(seed=0, n_entities=5, n_forget=1, facts_per_entity=3, n_perturbed=3)
+
+
+@pytest.fixture(scope="module")
+def bench(full_bench):
+    extra = {k: v[:4] for k, v in full_bench.extra_evals.items()}
+    return dataclasses.replace(full_bench, extra_evals=extra)
+
+
+@pytest.fixture(scope="module")
+def tok(full_bench):
+    return synthetic_tokenizer(full_bench, vocab_size=384)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return init_model(cfg, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ev(model, tok):
+    graphdef, params = split_params(model)
+    return Evaluator.create(graphdef, params, model.config, tok, prompt_format_for(tok, "qa"), batch_size=8,
+                            buckets=BUCKETS, max_len=64)
+
+
+@pytest.fixture(scope="module")
+def tofu_result(ev, bench):
+    return evaluate_tofu(ev, bench, max_new_tokens=N_NEW, model_name="tiny")
+
+
+def test_tofu_summary_records_sizes_and_is_consistent(tofu_result, bench):
+    summary, per_sample = tofu_result
+    assert summary["model"] == "tiny" and summary["benchmark"] == bench.name and summary["whole_splits"]
+    assert summary["sizes"]["forget"] == len(bench.forget_perturbed)
+    assert summary["sizes"]["retain"] == len(bench.retain_perturbed)
+    assert summary["sizes"]["real_authors"] == len(bench.extra_evals["real_authors"])
+    assert len(per_sample["world_facts"]) == len(bench.extra_evals["world_facts"])
+    assert summary["forget_quality"] is None  # no retain model values: undefined, not 0
+    # aggregates recomputed from the per-sample records with the published formulas
+    f = per_sample["forget"]
+    r = np.array([x["truth_ratio"] for x in f])
+    assert summary["forget"]["truth_ratio"] == pytest.approx(np.mean(np.minimum(r, 1 / r)))
+    for x in f:
+        assert x["prob"] == pytest.approx(math.exp(-x["mean_nll"]))
+        assert x["truth_ratio"] == pytest.approx(math.exp(x["true_mean_nll"] - np.mean(x["perturbed_mean_nll"])))
+        assert 0.0 <= x["rouge_recall"] <= 1.0 and 0.0 < x["extraction_strength"] <= 1.0
+    ra = per_sample["real_authors"][0]
+    p_true, p_false = math.exp(-ra["mean_nll"]), np.exp(-np.array(ra["perturbed_mean_nll"])).sum()
+    assert ra["prob"] == pytest.approx(p_true / (p_true + p_false))
+    nine = [summary[s][m] for s in ("retain", "real_authors", "world_facts") for m in ("prob", "rouge", "truth_ratio")]
+    expected = 0.0 if min(nine) == 0 else stats.hmean(nine)
+    assert summary["model_utility"] == pytest.approx(expected)
+    assert set(summary["mia"]) == {"loss_auc", "zlib_auc", "min_k_auc", "min_k_pp_auc"}
+    json.dumps(summary), json.dumps(per_sample)  # JSON-ready
+
+
+def test_forget_quality_from_saved_retain_values(tofu_result, ev, tmp_path):
+    summary, per_sample = tofu_result
+    path = tmp_path / "retain.per_sample.json"
+    path.write_text(json.dumps(per_sample))
+    ratios = load_forget_ratios(path)
+    assert M.forget_quality([x["truth_ratio"] for x in per_sample["forget"]], ratios) == pytest.approx(1.0)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_forget_ratios(bad)
+
+
+def test_tofu_eight_devices_equal_one(tofu_result, model, tok, bench):
+    assert len(jax.devices()) == 8
+    graphdef, params = split_params(model)
+    ev8 = Evaluator.create(graphdef, params, model.config, tok, prompt_format_for(tok, "qa"),
+                           mesh=make_mesh(data=4, fsdp=2), batch_size=8, buckets=BUCKETS, max_len=64)
+    s8, p8 = evaluate_tofu(ev8, bench, max_new_tokens=N_NEW, model_name="tiny")
+    s1, p1 = tofu_result
+    for split in ("forget", "retain", "real_authors", "world_facts"):
+        for k, v in s1[split].items():
+            assert s8[split][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (split, k)
+        assert [x["generation"] for x in p8[split]] == [x["generation"] for x in p1[split]]
+    assert s8["mia"] == pytest.approx(s1["mia"])
+
+
+def test_muse_pipeline(ev, bench):
+    qa = [{"question": r["question"], "answer": r["answer"]} for r in bench.forget[:3]]
+    icl = [{"question": "Who?", "answer": "Ann."}]
+    mb = MuseBenchmark(
+        name="muse-mini", forget=[], retain=[], retain_eval=[], holdout=[],
+        verbmem_forget=[{"prompt": r["question"], "gt": r["answer"]} for r in bench.forget[:2]],
+        knowmem_forget=qa, knowmem_retain=qa[:2], knowmem_forget_icl=icl, knowmem_retain_icl=icl,
+        privleak={"forget": [r["answer"] for r in bench.forget[:3]], "holdout": [r["answer"] for r in bench.holdout[:3]]},
+    )
+    s, per = evaluate_muse(ev, mb, retrain_auc=0.5, model_name="tiny", verbmem_tokens=N_NEW, knowmem_tokens=N_NEW)
+    assert s["sizes"] == {"verbmem_forget": 2, "knowmem_forget": 3, "knowmem_retain": 2,
+                          "privleak_forget": 3, "privleak_holdout": 3}
+    assert 0.0 <= s["verbmem_forget"] <= 1.0 and 0.0 <= s["knowmem_forget"] <= 1.0
+    assert s["priv_leak"] == pytest.approx((s["min_k_auc"] - 0.5) / 0.5 * 100)
+    assert all("\n\n" not in x["output"] and "Question" not in x["output"] for x in per["knowmem_forget"])
+    assert evaluate_muse(ev, mb, verbmem_tokens=N_NEW, knowmem_tokens=N_NEW)[0]["priv_leak"] is None
+
+
+def test_report_table_and_plots(tofu_result, tmp_path):
+    summary, _ = tofu_result
+    table = report.markdown_table([("a", summary), ("b", {"forget_quality": 0.5, "model_utility": 0.25})])
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| model | FQ | MU |") and len(lines) == 4
+    assert lines[2].split(" | ")[1] == "n/a"  # FQ undefined for summary a
+    assert lines[3].split(" | ")[1:3] == ["0.5000", "0.2500"]
+    pts = [{"label": f"alpha {a}", "method": "mox", "summary": {"forget_quality": 10.0 ** -a, "model_utility": 0.5 / a}}
+           for a in (1, 2, 4)]
+    assert report.plot_tradeoff(pts, tmp_path / "t.png").stat().st_size > 1000
+    recs = [{"stage": "memorize", "step": s, "loss": 1.0 / s, "kl": 0.1 * s} for s in range(1, 6)]
+    recs.append({"stage": "memorize", "event": "resume", "step": 3})
+    assert report.plot_training(recs, tmp_path / "m.png").stat().st_size > 1000
+    assert report.plot_training([], tmp_path / "none.png") is None
+
+
+def _fake_run(tmp_path, model, n_entities):
+    """A run directory with a reference and two forget models (no training: the layout is what matters)."""
+    from jaxunlearn.config import RunConfig, to_dict
+    from jaxunlearn.runner import reference_meta, model_setup
+
+    run = tmp_path / "run"
+    cfg = RunConfig()
+    cfg = type(cfg)(**{**cfg.__dict__, "data": type(cfg.data)(**{**cfg.data.__dict__, "synthetic_entities": n_entities,
+                                                                   "max_len": 64, "buckets": (32, 64)})})
+    ck.write_config(run, to_dict(cfg))
+    setup = model_setup(model.config, cfg)
+    _, params = split_params(model)
+    ck.save_reference(run, params, reference_meta(setup, {"preset": "tiny-llama"}))
+    for alpha in (1.0, 2.0):
+        ck.save_forget(run, jax.tree.map(lambda x: x * (1.0 - 0.1 * alpha), params), alpha, source_step=1)
+    ck.append_metrics(run, {"stage": "memorize", "step": 1, "loss": 2.0})
+    ck.append_metrics(run, {"stage": "memorize", "step": 2, "loss": 1.5})
+    return run
+
+
+def test_cli_on_run_directory_sweep(tmp_path, capsys):
+    from jaxunlearn.runner import load_benchmark, load_tokenizer
+    from jaxunlearn.config import RunConfig
+
+    cfg = RunConfig()
+    cfg = type(cfg)(**{**cfg.__dict__, "data": type(cfg.data)(**{**cfg.data.__dict__, "synthetic_entities": 5})})
+    tok = load_tokenizer(cfg, load_benchmark(cfg.data))
+    mcfg = ModelConfig.preset("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    run = _fake_run(tmp_path, init_model(mcfg, seed=1), 5)
+    rc = cli.main([str(run), "--which", "reference", "sweep", "--max-new-tokens", "4", "--max-len", "64",
+                   "--batch-size", "8", "--no-mia", "--mesh-data", "1"])
+    assert rc == 0, capsys.readouterr().err
+    out = run / "eval"
+    for label in ("reference", "alpha_1.0", "alpha_2.0"):
+        s = json.loads((out / f"{label}.summary.json").read_text())
+        assert s["run"]["method"] == "mox" and s["sizes"]["forget"] > 0
+    assert json.loads((out / "alpha_2.0.summary.json").read_text())["run"]["alpha"] == 2.0
+    table = (out / "results.md").read_text()
+    assert "| alpha_1.0 |" in table and "| reference |" in table
+    assert (out / "tradeoff.png").exists() and (out / "training.png").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli.main([str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such run directory" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert cli.main([str(tmp_path / "empty")]) == 1
+    assert "neither a run directory" in capsys.readouterr().err
