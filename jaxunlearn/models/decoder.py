@@ -41,15 +41,32 @@ LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
 
 
 # --------------------------------------------------------------------------- parameters
-def _param(rng: np.random.Generator | None, shape, axes, param_dtype, init: str = "normal", std: float = 0.02):
-    """An nnx.Param with logical axis metadata (not applied eagerly). Random values come from a numpy
-    generator (fast and bit-reproducible on any host); rng=None gives zeros (abstract/loading targets)."""
+class NormalSource:
+    """Hands out consecutive slices of one flat normal(0, 1) draw, so that initialising a whole model is one
+    random op (one compile, jittable, same bits eagerly or under jit). Built with `flat=None` it only
+    counts the values needed and hands out zeros."""
+
+    def __init__(self, flat=None):
+        self.flat = np.asarray(flat) if flat is not None and not isinstance(flat, jax.core.Tracer) else flat
+        self.count = 0
+
+    def take(self, shape) -> jax.Array:
+        n = int(np.prod(shape))
+        start, self.count = self.count, self.count + n
+        if self.flat is None:
+            return jnp.zeros(shape, jnp.float32)
+        return jnp.asarray(self.flat[start:start + n].reshape(shape))
+
+
+def _param(rng: NormalSource | None, shape, axes, param_dtype, init: str = "normal", std: float = 0.02):
+    """An nnx.Param with logical axis metadata (not applied eagerly); rng=None gives zeros for "normal"
+    (abstract targets for loading)."""
     if init == "ones":
         value = jnp.ones(shape, param_dtype)
     elif init == "zeros" or rng is None:
         value = jnp.zeros(shape, param_dtype)
     else:
-        value = jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(std), dtype=param_dtype)
+        value = (rng.take(shape) * std).astype(param_dtype)
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
@@ -267,9 +284,10 @@ class DecoderLayer(nnx.Module):
 class CausalLM(nnx.Module):
     """Decoder-only causal language model; see the module docstring for the calling conventions."""
 
-    def __init__(self, cfg: ModelConfig, *, seed: int | None = 0, dtype="float32", param_dtype="float32"):
+    def __init__(self, cfg: ModelConfig, *, rng: NormalSource | None = None, dtype="float32",
+                 param_dtype="float32"):
+        """rng: source of the normal(0, 1) draws for weights (None: zero weights, for loading targets)."""
         dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
-        rng = None if seed is None else np.random.default_rng(seed)
         self.config = cfg
         self.dtype = dtype
         self.embed_tokens = nnx.Module()
@@ -340,9 +358,20 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------- functional API
 def init_model(cfg: ModelConfig, seed: int = 0, dtype="float32", param_dtype="float32") -> CausalLM:
-    """A randomly initialised model: normal(0, 0.02) weights drawn in a fixed order from
-    numpy's default_rng(seed), unit norm scales, zero biases."""
-    return CausalLM(cfg, seed=seed, dtype=dtype, param_dtype=param_dtype)
+    """A randomly initialised model: normal(0, 0.02) weights, unit norm scales, zero biases.
+
+    All weights are consecutive slices of one `jax.random.normal(jax.random.key(seed), (n,))` draw in
+    construction order, so init is one random op, works eagerly and under jit/eval_shape, and is
+    bit-reproducible for a given (config, seed).
+    """
+
+    def build(rng):
+        return CausalLM(cfg, rng=rng, dtype=dtype, param_dtype=param_dtype)
+
+    counter = NormalSource()
+    nnx.eval_shape(lambda: build(counter))
+    flat = jax.random.normal(jax.random.key(seed), (counter.count,), jnp.float32)
+    return build(NormalSource(flat))
 
 
 def split_params(model: CausalLM):

@@ -178,7 +178,7 @@ def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig 
         raise CheckpointError(f"{folder}: unexpected weight {unexpected[0]!r} in {files[unexpected[0]].name}"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, seed=None, dtype=dtype, param_dtype=param_dtype))
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype))
     graphdef, params = split_params(abstract)
     target = jnp.dtype(param_dtype)
     kinds = {hf_key: (path, kind) for hf_key, path, kind in table}
