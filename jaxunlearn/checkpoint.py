@@ -379,15 +379,22 @@ def list_forget(run: str | os.PathLike) -> list[dict]:
 
 
 class MemorizedCheckpoints:
-    """Orbax CheckpointManager over RUN/memorized: params, opt_state, RNG key and data position.
+    """Orbax CheckpointManager over RUN/memorized (or RUN/<subdir>, e.g. "finetune"): params,
+    opt_state (any pytree), RNG key and data position per step.
 
     Saves are asynchronous (the device-to-host copy happens before `save` returns, so the saved
     arrays may be donated right after); call `wait_until_finished()` or `close()` before exit.
     Only finalised steps are listed; Orbax's temporary folders left by a crash are removed.
     """
 
-    def __init__(self, run: str | os.PathLike, max_to_keep: int | None = 3, async_save: bool = True):
-        self.directory = pathlib.Path(run).absolute() / MEMORIZED_DIR
+    def __init__(
+        self,
+        run: str | os.PathLike,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        subdir: str = MEMORIZED_DIR,
+    ):
+        self.directory = pathlib.Path(run).absolute() / subdir
         if is_primary() and self.directory.is_dir():  # unfinalised steps left by a crash
             for stale in self.directory.glob("*.orbax-checkpoint-tmp*"):
                 shutil.rmtree(stale, ignore_errors=True)

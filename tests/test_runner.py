@@ -1,0 +1,186 @@
+"""CLI runs on a tiny config over 8 simulated devices: exact resume after SIGKILL, errors that
+lose nothing (reference-hash mismatch, non-finite step, config mismatch), extrapolate, export-hf.
+
+The CLI runs that matter for the kill test are subprocesses sharing a persistent compilation
+cache, so the step function is compiled once for all of them.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import yaml
+
+from jaxunlearn import checkpoint as ck
+from jaxunlearn import runner
+
+# tiny but real: 8-device data-parallel mesh, momentum on; 12 steps, a checkpoint every 3
+TINY = {
+    "data": {"synthetic_entities": 6, "max_len": 64, "buckets": [64]},
+    "train": {"batch_size": 8, "epochs": 3, "lr": 1e-3},
+    "mox": {"alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
+    "checkpoint": {"save_every": 3, "keep": 2},
+}
+TOTAL_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return root
+
+
+def _env(work):
+    env = dict(os.environ)
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(work / "xla-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    return env
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "jaxunlearn.cli", *map(str, args)]
+
+
+def _steps(run):
+    d = run / ck.MEMORIZED_DIR
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def runs(work):
+    """(clean run, killed-then-resumed run, step it was killed after)."""
+    cfg = work / "tiny.yaml"
+    killed = work / "killed"
+    proc = subprocess.Popen(_cmd("unlearn", cfg, "--run", killed), env=_env(work),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not _steps(killed) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = _steps(killed)[-1]
+
+    clean = work / "clean"
+    for run in (clean, killed):
+        done = subprocess.run(_cmd("unlearn", cfg, "--run", run), env=_env(work), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return clean, killed, killed_at
+
+
+def _params(run, which, **kw):
+    _, params, info = runner.load_run_params(run, which, **kw)
+    return jax.device_get(params), info
+
+
+def _assert_bitwise(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+def _snapshot(root: pathlib.Path) -> dict:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def _last_err(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_killed_run_resumes_bitwise(runs):
+    clean, killed, killed_at = runs
+    assert 0 < killed_at < TOTAL_STEPS, "the run was not killed mid-way"
+    assert _steps(clean)[-1] == _steps(killed)[-1] == TOTAL_STEPS
+    resumes = [r for r in ck.read_metrics(killed) if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [killed_at]
+    assert ck.reference_hash(clean) == ck.reference_hash(killed)
+    _assert_bitwise(_params(killed, "memorized")[0], _params(clean, "memorized")[0])
+    for eta in (None, TINY["mox"]["eta"]):  # plain and momentum forget models
+        (got, meta), (want, want_meta) = _params(killed, "forget", eta=eta), _params(clean, "forget", eta=eta)
+        _assert_bitwise(got, want)
+        assert meta["hash"] == want_meta["hash"] and meta["source_step"] == TOTAL_STEPS
+    # memorisation did what it is for: forget NLL went down over the run
+    nll = [r["forget_nll"] for r in ck.read_metrics(clean) if "forget_nll" in r]
+    assert nll[-1] < nll[0]
+
+
+def test_rerun_of_finished_run_changes_nothing(runs, work, capsys):
+    clean = runs[0]
+    before = _snapshot(clean / ck.FORGET_DIR)
+    assert runner.unlearn_main([str(work / "tiny.yaml"), "--run", str(clean)]) == 0
+    assert _snapshot(clean / ck.FORGET_DIR) == before
+
+
+def test_reference_hash_mismatch_stops_and_loses_nothing(runs, work, capsys):
+    run = work / "tampered"
+    shutil.copytree(runs[0], run)
+    setup, params, _ = runner.load_run_params(run, "reference")
+    params = jax.tree.map(lambda x: x * 1.001, params)
+    shutil.rmtree(ck.reference_path(run) / ck.PARAMS_DIR)
+    saver = ocp.StandardCheckpointer()
+    saver.save(ck.reference_path(run) / ck.PARAMS_DIR, params)
+    saver.wait_until_finished()
+    before = _snapshot(run)
+    assert runner.unlearn_main([str(work / "tiny.yaml"), "--run", str(run)]) == 1
+    assert runner.extrapolate_main(["--run", str(run), "--alpha", "2"]) == 1
+    err = _last_err(capsys)
+    assert len(err) == 2 and all("content hash" in line for line in err), err
+    assert _snapshot(run) == before
+
+
+def test_non_finite_step_stops_and_keeps_last_good_checkpoint(work, capsys):
+    run = work / "nonfinite"
+    argv = [str(work / "tiny.yaml"), "train.lr=1e30", "checkpoint.save_every=1", "--run", str(run)]
+    assert runner.unlearn_main(argv) == 1
+    err = _last_err(capsys)
+    assert len(err) == 1 and "non-finite" in err[0], err
+    steps = _steps(run)
+    assert steps and steps[-1] < TOTAL_STEPS and not ck.list_forget(run)
+    last, _ = _params(run, "memorized")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(last))
+
+
+def test_config_errors_are_one_line(runs, work, capsys):
+    clean = runs[0]
+    before = _snapshot(clean)
+    assert runner.unlearn_main([str(work / "tiny.yaml"), "train.lr=0.5", "--run", str(clean)]) == 1
+    assert runner.unlearn_main([str(work / "tiny.yaml"), "train.nope=1", "--run", str(work / "x")]) == 1
+    assert runner.extrapolate_main(["--run", str(work / "missing"), "--alpha", "2"]) == 1
+    assert runner.unlearn_main([str(work / "nope.yaml"), "--run", str(work / "y")]) == 1
+    err = _last_err(capsys)
+    assert len(err) == 4
+    assert "train.lr" in err[0] and "differs" in err[0]
+    assert "train.nope" in err[1] and "does not exist" in err[2] and "nope.yaml" in err[3]
+    assert _snapshot(clean) == before
+
+
+def test_extrapolate_and_export_hf(runs, work):
+    from jaxunlearn.models import hf, split_params
+
+    clean = runs[0]
+    assert runner.extrapolate_main(["--run", str(clean), "--alpha", "2", "0.5"]) == 0
+    ref, _ = _params(clean, "reference")
+    mem, position = _params(clean, "memorized")
+    for alpha in (2.0, 0.5):
+        forget, meta = _params(clean, "forget", alpha=alpha)
+        assert meta["alpha"] == alpha and meta["source_step"] == position["step"]
+        for r, m, f in zip(jax.tree.leaves(ref), jax.tree.leaves(mem), jax.tree.leaves(forget)):
+            np.testing.assert_allclose(f, r + alpha * (r - m), rtol=1e-6, atol=1e-7)
+    out = work / "hf"
+    assert runner.export_hf_main(["--run", str(clean), "--which", "forget", "--alpha", "2", "--out", str(out)]) == 0
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    _, loaded = split_params(hf.load_hf(out))
+    _assert_bitwise(jax.device_get(loaded), _params(clean, "forget", alpha=2.0)[0])
