@@ -142,18 +142,17 @@ def test_same_seed_same_bits_and_merge_roundtrip(tokens):
     assert all(x is y for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
 
 
-def test_remat_gives_same_gradients(tokens):
-    cfg = ModelConfig.preset("tiny-llama", vocab_size=VOCAB, hidden_size=32, head_dim=8, intermediate_size=32)
-    graphdef, params = split_params(init_model(cfg, seed=0))
-    graphdef_r, _ = split_params(init_model(cfg.replace(remat=True), seed=0))
+def test_remat_checkpoints_each_layer(tokens):
+    """remat=True puts every layer under jax.checkpoint (JAX guarantees the gradients are unchanged)."""
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=VOCAB)
 
-    def loss(apply):
-        return lambda p: jnp.mean(jax.nn.log_softmax(apply(p, tokens))[..., 0])
+    def grad_jaxpr(c):
+        graphdef, params = split_params(init_model(c))
+        apply = make_apply(graphdef)
+        return str(jax.make_jaxpr(jax.grad(lambda p: jnp.mean(apply(p, tokens))))(params))
 
-    g = jax.jit(jax.grad(loss(make_apply(graphdef))))(params)
-    g_r = jax.jit(jax.grad(loss(make_apply(graphdef_r))))(params)
-    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_r)):
-        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert grad_jaxpr(cfg.replace(remat=True)).count("remat") == cfg.num_layers
+    assert "remat" not in grad_jaxpr(cfg)
 
 
 def test_config_hf_dict_roundtrip_and_errors():
