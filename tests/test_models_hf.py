@@ -136,30 +136,27 @@ def edited_copy(src, dst, edit):
     return dst
 
 
-def test_missing_key_is_an_error(saved_llama, tmp_path):
-    folder = edited_copy(saved_llama, tmp_path / "c", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing weight 'model\.layers\.1\.mlp\.up_proj\.weight'"):
-        load_hf(folder)
+def drop_up_proj(t):
+    t.pop("model.layers.1.mlp.up_proj.weight")
 
 
-def test_unexpected_key_is_an_error(saved_llama, tmp_path):
-    def add(t):
-        t["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
-
-    folder = edited_copy(saved_llama, tmp_path / "c", add)
-    with pytest.raises(CheckpointError, match=r"unexpected weight 'model\.layers\.0\.self_attn\.extra\.weight' "
-                                              r"in model\.safetensors"):
-        load_hf(folder)
+def add_extra(t):
+    t["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
 
 
-def test_wrong_shape_is_an_error(saved_llama, tmp_path):
-    def shrink(t):
-        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+def shrink_k_proj(t):
+    t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
 
-    folder = edited_copy(saved_llama, tmp_path / "c", shrink)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: weight 'model\.layers\.0\.self_attn\.k_proj"
-                                              r"\.weight' has shape \(31, 32\), expected \(32, 32\)"):
-        load_hf(folder)
+
+@pytest.mark.parametrize("edit, message", [
+    (drop_up_proj, r"missing weight 'model\.layers\.1\.mlp\.up_proj\.weight' \(not in model\.safetensors\)"),
+    (add_extra, r"unexpected weight 'model\.layers\.0\.self_attn\.extra\.weight' in model\.safetensors"),
+    (shrink_k_proj, r"model\.safetensors: weight 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape "
+                    r"\(31, 32\), expected \(32, 32\)"),
+], ids=["missing", "unexpected", "wrong_shape"])
+def test_strict_loading_errors_name_the_key(saved_llama, tmp_path, edit, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_hf(edited_copy(saved_llama, tmp_path / "c", edit))
 
 
 def test_tolerated_extras_and_folder_errors(saved_llama, tmp_path):
@@ -197,3 +194,38 @@ def test_config_from_folder_matches_transformers(hf_case):
         hf.vocab_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads,
         getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
     assert cfg.tie_word_embeddings == hf.tie_word_embeddings
+
+
+def test_tied_checkpoint_with_lm_head_copy(tmp_path):
+    """A tied checkpoint that also stores lm_head.weight loads if it equals the embedding, else errors."""
+    src = tmp_path / "tied"
+    random_hf_model("qwen2_biases_tied").save_pretrained(src)
+
+    def copy_head(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+
+    def other_head(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1
+
+    load_hf(edited_copy(src, tmp_path / "same", copy_head))
+    with pytest.raises(CheckpointError, match="'lm_head.weight'"):
+        load_hf(edited_copy(src, tmp_path / "differs", other_head))
+
+
+def test_load_places_params_on_given_shardings(saved_llama):
+    from flax import nnx
+
+    from jaxunlearn.models import init_model, param_logical_axes
+
+    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor"}
+    _, abstract = split_params(nnx.eval_shape(lambda: init_model(ModelConfig.from_hf_folder(saved_llama))))
+    shardings = jax.tree.map(
+        lambda ax: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*(rules.get(a) for a in ax))),
+        param_logical_axes(abstract), is_leaf=lambda x: isinstance(x, tuple))
+    placed = split_params(load_hf(saved_llama, shardings=shardings))[1]
+    plain = split_params(load_hf(saved_llama))[1]
+    q = placed["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    for x, y in zip(jax.tree.leaves(placed), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(x, y)

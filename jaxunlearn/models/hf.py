@@ -152,11 +152,14 @@ def _read(files: dict[str, pathlib.Path], names: list[str]) -> Iterator[tuple[st
                 yield name, f.get_tensor(name)
 
 
-def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig | None = None) -> CausalLM:
+def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig | None = None,
+            shardings=None) -> CausalLM:
     """Load a Hugging Face checkpoint folder (config.json + safetensors) strictly into a CausalLM.
 
     `dtype` is the compute dtype and `param_dtype` the dtype parameters are stored in (checkpoint tensors
-    are converted). `config` overrides the folder's config.json (e.g. to turn on remat).
+    are converted). `config` overrides the folder's config.json (e.g. to turn on remat). `shardings`
+    (optional): a tree like the params holding a jax.sharding.Sharding per parameter; each tensor is then
+    placed straight onto its devices instead of the default device.
     """
     folder = pathlib.Path(folder)
     if not folder.is_dir():
@@ -171,7 +174,8 @@ def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig 
         present.discard("lm_head.weight")
     missing = sorted(expected - present, key=_natural)
     if missing:
-        raise CheckpointError(f"{folder}: missing weight {missing[0]!r}"
+        listing = INDEX_FILE if (folder / INDEX_FILE).is_file() else SINGLE_FILE
+        raise CheckpointError(f"{folder}: missing weight {missing[0]!r} (not in {listing})"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     unexpected = sorted(present - expected, key=_natural)
     if unexpected:
@@ -190,7 +194,14 @@ def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig 
         if tuple(array.shape) != want:
             raise CheckpointError(f"{files[name]}: weight {name!r} has shape {tuple(array.shape)}, "
                                   f"expected {want}")
-        values[path] = jnp.asarray(to_ours(array, kind, var.shape), dtype=target)
+        value = to_ours(array, kind, var.shape)
+        if shardings is None:
+            values[path] = jnp.asarray(value, dtype=target)
+        else:
+            sharding = _at(shardings, path)
+            if isinstance(sharding, nnx.Variable):
+                sharding = sharding.get_value()
+            values[path] = jax.device_put(value.astype(target), sharding)
     if tied_head:
         _check_tied(files, values[("embed_tokens", "embedding")], target)
     for path, value in values.items():
