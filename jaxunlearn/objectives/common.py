@@ -26,7 +26,7 @@ def logits_of(apply, params, batch) -> jax.Array:
 
 def ref_logits_of(apply, ref_params, batch) -> jax.Array:
     """Reference-model logits, never differentiated."""
-    return jax.lax.stop_gradient(apply(jax.lax.stop_gradient(ref_params), batch["input_ids"], batch["attention_mask"]))
+    return jax.lax.stop_gradient(apply(ref_params, batch["input_ids"], batch["attention_mask"]))
 
 
 def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -52,6 +52,13 @@ def sequence_logprob(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
     """Per-sample summed answer log-prob [B] and a [B] mask of samples with scored tokens."""
     total, count = ops.sequence_nll(logits, labels)
     return -total, count > 0
+
+
+def log_ratio_to_ref(params, ref_params, batch, apply) -> tuple[jax.Array, jax.Array]:
+    """Per-sample logp_theta(y|x) - logp_ref(y|x) (summed answer log-probs) [B] and the valid-sample mask [B]."""
+    logp, valid = sequence_logprob(logits_of(apply, params, batch), batch["labels"])
+    ref_logp, _ = sequence_logprob(ref_logits_of(apply, ref_params, batch), batch["labels"])
+    return logp - ref_logp, valid
 
 
 def kl_ref_to_model(logits: jax.Array, ref_logits: jax.Array, attention_mask: jax.Array) -> jax.Array:

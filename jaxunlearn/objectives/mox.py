@@ -12,16 +12,15 @@ Conventions for NLL and KL are in objectives/common.py.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jaxunlearn.objectives.common import (
     kl_ref_to_model,
+    log_ratio_to_ref,
     logits_of,
     masked_mean,
     mean_nll,
     ref_logits_of,
     require,
-    sequence_logprob,
 )
 from jaxunlearn.objectives.registry import register
 
@@ -52,9 +51,7 @@ def mox_npo(retain_weight: float = 1.0, beta: float = 0.1):
 
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox_npo")
-        logp, valid = sequence_logprob(logits_of(apply, params, forget), forget["labels"])
-        ref_logp, _ = sequence_logprob(ref_logits_of(apply, ref_params, forget), forget["labels"])
-        log_ratio = logp - ref_logp
+        log_ratio, valid = log_ratio_to_ref(params, ref_params, forget, apply)
         npo_mem = (2.0 / beta) * masked_mean(jax.nn.log_sigmoid(-beta * log_ratio), valid)
         kl = retain_kl(params, ref_params, batch, apply, "mox_npo")
         loss = npo_mem + retain_weight * kl
