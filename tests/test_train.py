@@ -137,20 +137,20 @@ def test_memorisation_lowers_forget_nll_keeps_retain_kl_small(world, sharded):
     # without the KL term the same training drifts much further on retain data
     _, free = run(world, (1, 1, 1), retain_weight=0.0)
     assert free[-1]["forget_nll"] < first["forget_nll"] - 1.0
-    assert last["retain_kl"] < 0.25 * free[-1]["retain_kl"], (last["retain_kl"], free[-1]["retain_kl"])
+    assert last["retain_kl"] < 0.35 * free[-1]["retain_kl"], (last["retain_kl"], free[-1]["retain_kl"])  # measured ~0.2
     assert last["retain_kl"] < 0.1 * (first["forget_nll"] - last["forget_nll"])
 
 
 def test_sharded_run_matches_single_device(sharded, single):
-    """data=2, fsdp=2, tensor=2 vs one device after 30 AdamW steps: losses within rtol 1e-4,
-    parameters within atol 2e-4 (reduction order differs across shardings)."""
+    """data=2, fsdp=2, tensor=2 vs one device after 30 AdamW steps: losses within rtol 1e-5,
+    parameters within atol 1e-5 (reduction order differs across shardings; measured ~2e-7)."""
     p8, h8 = sharded
     p1, h1 = single
     for a, b in zip(h8, h1):
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a["lr"], b["lr"], rtol=1e-6)
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1))]
-    assert max(diffs) < 2e-4, max(diffs)
+    assert max(diffs) < 1e-5, max(diffs)
 
 
 def test_nonfinite_guard_stops_with_params_unchanged(world):
@@ -203,6 +203,18 @@ def test_schedule_and_step_plan():
     _, schedule, plan = optimizer_from_spec(TrainSpec(lr=1e-3, epochs=4, warmup_epochs=1.0), micro_steps_per_epoch=5)
     assert plan.total_steps == 20
     assert float(schedule(5)) == pytest.approx(1e-3) and float(schedule(20)) == 0.0
+
+
+def test_weight_decay_only_on_matrices(world):
+    """Zero gradients: only ndim >= 2 parameters shrink (decoupled decay), norm scales do not."""
+    params = jax.tree.map(jnp.asarray, world["params"])
+    opt, _ = make_optimizer(1.0, total_steps=4, warmup_steps=0, weight_decay=0.5)
+    updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+        if p.ndim >= 2:
+            np.testing.assert_allclose(u, -0.5 * p, rtol=1e-6)
+        else:
+            assert float(jnp.abs(u).max()) == 0.0
 
 
 def test_gradient_accumulation_equals_large_batch():
