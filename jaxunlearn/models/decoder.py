@@ -238,10 +238,10 @@ class MLP(nnx.Module):
         self.gate_proj = Dense((e,), (f,), ("embed",), ("mlp",), **common)
         self.up_proj = Dense((e,), (f,), ("embed",), ("mlp",), **common)
         self.down_proj = Dense((f,), (e,), ("mlp",), ("embed",), **common)
-        self.act = activation(cfg.hidden_act)
+        self.hidden_act = cfg.hidden_act
 
     def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activation(self.hidden_act)(self.gate_proj(x)) * self.up_proj(x))
 
 
 class PhiMLP(nnx.Module):
@@ -252,10 +252,10 @@ class PhiMLP(nnx.Module):
         common = dict(bias=cfg.mlp_bias, rng=rng, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = Dense((e,), (f,), ("embed",), ("mlp",), **common)
         self.fc2 = Dense((f,), (e,), ("mlp",), ("embed",), **common)
-        self.act = activation(cfg.hidden_act)
+        self.hidden_act = cfg.hidden_act
 
     def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(activation(self.hidden_act)(self.fc1(x)))
 
 
 class DecoderLayer(nnx.Module):
