@@ -31,6 +31,8 @@ ARCHS = {
     "mistral_sliding_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4)),
     "qwen2_biases_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "phi": ("PhiConfig", dict()),
+    "phi_gqa_tied_qk_layernorm": ("PhiConfig", dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                    qk_layernorm=True)),
 }
 
 

@@ -2,7 +2,9 @@
 
 Supported Hugging Face `model_type`s: "llama", "mistral", "qwen2" (all `arch="llama"`: pre-norm RMSNorm,
 SwiGLU MLP, rotary attention, optional grouped-query heads) and "phi" (`arch="phi"`: Phi-1/1.5/2 with
-LayerNorm, parallel attention + MLP, partial rotary, biases everywhere).
+LayerNorm, parallel attention + MLP, partial rotary, biases everywhere, optional qk_layernorm). Grouped-query
+attention, tied or untied embeddings, explicit `head_dim`, Llama `attention_bias`/`mlp_bias` and Qwen2's
+q/k/v-only biases are all covered.
 
 Rope scaling types: "default", "linear", "dynamic" (NTK, recomputed from the largest position in each call,
 which is what a freshly loaded `transformers` model does) and "llama3". Others raise `ModelConfigError`.
@@ -62,6 +64,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     lm_head_bias: bool = False
+    qk_layernorm: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
@@ -97,6 +100,8 @@ class ModelConfig:
         if self.rotary_dim % 2 or self.rotary_dim <= 0:
             raise ModelConfigError(
                 f"rotary dimension head_dim*partial_rotary_factor = {self.rotary_dim} must be even and positive")
+        if self.qk_layernorm and self.arch != "phi":
+            raise ModelConfigError(f"qk_layernorm is only implemented for arch 'phi', not {self.model_type!r}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
                 raise ModelConfigError(
@@ -181,16 +186,13 @@ class ModelConfig:
                                   if model_type != "phi" else d.get("partial_rotary_factor", 0.5)))
         if not rope and legacy:
             rope = legacy
-        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        legacy_type = rope.pop("type", None)
+        rope_type = rope.pop("rope_type", None) or legacy_type or "default"
         scaling = None
         if rope_type != "default":
             if rope_type == "llama3":
                 rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
             scaling = tuple(sorted({"rope_type": rope_type, **rope}.items()))
-        if d.get("qk_layernorm"):
-            raise ModelConfigError(f"{source}: qk_layernorm=true is not supported")
-        if d.get("pretraining_tp", 1) not in (1, None):
-            pass  # pretraining_tp only changes how HF splits matmuls; the maths is the same.
         eos = d.get("eos_token_id")
         common = dict(
             model_type=model_type,
@@ -213,7 +215,8 @@ class ModelConfig:
         )
         if model_type == "phi":
             return cls(arch="phi", norm_eps=float(d.get("layer_norm_eps", 1e-5)), qkv_bias=True, o_bias=True,
-                       mlp_bias=True, lm_head_bias=True, **common)
+                       mlp_bias=True, lm_head_bias=True, qk_layernorm=bool(d.get("qk_layernorm", False)),
+                       **common)
         window, layer_types = None, None
         if model_type == "mistral":
             window = d.get("sliding_window")
@@ -283,7 +286,7 @@ class ModelConfig:
             if self.head_dim * self.num_heads != self.hidden_size:
                 raise ModelConfigError("phi needs head_dim * num_heads == hidden_size")
             rope["partial_rotary_factor"] = self.partial_rotary_factor
-            d.update(layer_norm_eps=self.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, qk_layernorm=False)
+            d.update(layer_norm_eps=self.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, qk_layernorm=self.qk_layernorm)
         else:
             if self.partial_rotary_factor != 1.0:
                 raise ModelConfigError(f"{self.model_type} has no partial rotary; partial_rotary_factor must be 1")

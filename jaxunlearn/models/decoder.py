@@ -101,10 +101,10 @@ class RMSNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, size, eps, *, dtype, param_dtype):
+    def __init__(self, size, eps, *, dtype, param_dtype, axis="embed"):
         self.eps, self.dtype = eps, dtype
-        self.scale = _param(None, (size,), ("embed",), param_dtype, init="ones")
-        self.bias = _param(None, (size,), ("embed",), param_dtype, init="zeros")
+        self.scale = _param(None, (size,), (axis,), param_dtype, init="ones")
+        self.bias = _param(None, (size,), (axis,), param_dtype, init="zeros")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -203,13 +203,22 @@ class Attention(nnx.Module):
         self.k_proj = Dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **common)
         self.v_proj = Dense((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), bias=cfg.qkv_bias, **common)
         self.o_proj = Dense((h, d), (e,), ("heads", "head_dim"), ("embed",), bias=cfg.o_bias, **common)
+        if cfg.qk_layernorm:  # Phi option: LayerNorm over each head's features before rotary
+            norm = dict(dtype=dtype, param_dtype=param_dtype, axis="head_dim")
+            self.q_layernorm = LayerNorm(d, cfg.norm_eps, **norm)
+            self.k_layernorm = LayerNorm(d, cfg.norm_eps, **norm)
+        else:
+            self.q_layernorm = self.k_layernorm = None
         self.num_kv_heads, self.head_dim = kv, d
         self.window = cfg.layer_window(layer)
         self.dtype = dtype
 
     def __call__(self, x, cos, sin, query_slots, kv_mask, cache=None, cache_index=None):
-        q = apply_rope(self.q_proj(x), cos, sin)
-        k = apply_rope(self.k_proj(x), cos, sin)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         v = self.v_proj(x)
         if cache is not None:
             k_all = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),

@@ -47,6 +47,10 @@ def weight_table(cfg: ModelConfig) -> list[tuple[str, tuple, str]]:
             rows.append((f"{hf}.self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), "split_out"))
             if cfg.qkv_bias:
                 rows.append((f"{hf}.self_attn.{proj}.bias", (*ours, "self_attn", proj, "bias"), "split_bias"))
+        if cfg.qk_layernorm:
+            for norm in ("q_layernorm", "k_layernorm"):
+                for hf_name, ours_name in (("weight", "scale"), ("bias", "bias")):
+                    rows.append((f"{hf}.self_attn.{norm}.{hf_name}", (*ours, "self_attn", norm, ours_name), "copy"))
         o_name = "dense" if phi else "o_proj"
         rows.append((f"{hf}.self_attn.{o_name}.weight", (*ours, "self_attn", "o_proj", "kernel"), "split_in"))
         if cfg.o_bias:
