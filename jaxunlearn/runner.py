@@ -59,6 +59,10 @@ def load_benchmark(data_spec):
         from jaxunlearn.data import tofu
 
         return tofu.tofu_benchmark(data_spec.forget_split, source=data_spec.source)
+    if data_spec.benchmark == "muse":
+        from jaxunlearn.data import muse
+
+        return muse.muse_benchmark("news", source=data_spec.source, privleak=False)
     raise ValueError(f"data.benchmark: {data_spec.benchmark!r} has no loader for training runs")
 
 
@@ -149,11 +153,23 @@ def setup_from_meta(meta: dict, cfg: RunConfig, folder: pathlib.Path, mesh=None)
     return model_setup(ModelConfig.from_hf_dict(meta["model_config"], source=str(folder)), cfg, mesh)
 
 
-def encode(tokenizer, cfg: RunConfig, rows: list[dict]) -> list[dict]:
+def encode(tokenizer, cfg: RunConfig, rows: list) -> list[dict]:
+    """QA rows -> answer-scored examples; raw texts (MUSE) -> max_len chunks scored on every token."""
     from jaxunlearn.data import encode_rows, prompt_format_for
 
+    if rows and isinstance(rows[0], str):
+        return encode_texts(tokenizer, rows, cfg.data.max_len)
     fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
     return encode_rows(tokenizer, fmt, rows, cfg.data.max_len)
+
+
+def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[dict]:
+    """Each text tokenised (with the tokenizer's special tokens) and cut into max_len chunks."""
+    out = []
+    for text in texts:
+        ids = [int(i) for i in tokenizer(text)["input_ids"]]
+        out += [{"input_ids": ids[i : i + max_len], "labels": ids[i : i + max_len]} for i in range(0, len(ids), max_len)]
+    return [e for e in out if len(e["input_ids"]) > 1]
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -327,7 +343,7 @@ def finetune(cfg: RunConfig, run: str | pathlib.Path | None = None, split: str =
     check_or_write_config(cfg, run)
     bench = load_benchmark(cfg.data)
     rows = getattr(bench, split, None)
-    if not isinstance(rows, list) or not rows:
+    if not isinstance(rows, list) or not rows or not isinstance(rows[0], (dict, str)):
         raise ValueError(f"--split {split!r}: not a non-empty split of benchmark {bench.name}")
     tokenizer = load_tokenizer(cfg, bench)
     setup, params, source = initial_params(cfg, tokenizer)
@@ -404,6 +420,8 @@ def unlearn(
     forget, retain = encode(tokenizer, cfg, bench.forget), encode(tokenizer, cfg, bench.retain)
     target = None
     if cfg.mox.objective == "mox_targeted" or cfg.data.target:
+        if not hasattr(bench, "idk"):
+            raise ValueError(f"mox.objective {cfg.mox.objective!r}: benchmark {bench.name} has no target answers")
         target = encode(tokenizer, cfg, target_rows(bench.forget, bench.idk, cfg.train.seed))
     it = PairedIterator(
         forget, retain, cfg.train.batch_size, cfg.train.seed, cfg.data.buckets, tokenizer.pad_token_id, target
