@@ -252,8 +252,9 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=str(file))
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """A config.json dict that `transformers` (5.x; 4.x reads the legacy rope keys) loads into the
-        same architecture. `dtype` is the stored weight dtype name."""
+        """A config.json dict that `transformers` loads into the same architecture: 5.x `rope_parameters`
+        plus the 4.x keys `rope_theta`/`rope_scaling`/`partial_rotary_factor`. `dtype` names the stored
+        weight dtype."""
         if self.model_type == "qwen2" and self.qkv_bias is False:
             raise ModelConfigError("qwen2 always has q/k/v biases; use model_type 'llama' for a bias-free model")
         if self.model_type == "mistral" and (self.qkv_bias or self.o_bias or self.mlp_bias):
@@ -301,4 +302,9 @@ class ModelConfig:
                          layer_types=list(self.layer_types or ["sliding_attention" if self.sliding_window
                                                                else "full_attention"] * self.num_layers))
         d["rope_parameters"] = rope
+        # transformers 4.x keys (5.x reads them consistently with rope_parameters)
+        d["rope_theta"] = self.rope_theta
+        d["rope_scaling"] = self.rope_params or None
+        if self.arch == "phi":
+            d["partial_rotary_factor"] = self.partial_rotary_factor
         return d
