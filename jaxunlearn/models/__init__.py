@@ -1,12 +1,24 @@
-"""Decoder models and Hugging Face interop.
+"""Decoder models (Llama, Llama-3 rope scaling, Mistral, Qwen2/2.5, Phi-1/1.5/2) and Hugging Face interop.
 
-    from jaxunlearn.models import load_hf, split_params, make_apply
-    model = load_hf("path/to/hf_checkpoint")             # config.json + *.safetensors, strict
-    graphdef, params = split_params(model)
-    logits = jax.jit(make_apply(graphdef))(params, input_ids, attention_mask)  # [B, T, V] float32
+Load a checkpoint folder and compute logits for a padded batch:
 
-See `decoder` for masking/position/dtype conventions and the KV-cache decode API, `config` for the
-supported architectures, and `hf` for loading/exporting checkpoints.
+    import jax, jax.numpy as jnp
+    from transformers import AutoTokenizer
+    from jaxunlearn.models import load_hf, split_params, make_apply, export_hf
+
+    model = load_hf(folder)                   # config.json + safetensors (single or sharded), strict
+    graphdef, params = split_params(model)    # params: pytree (nnx.State of nnx.Param)
+    apply = jax.jit(make_apply(graphdef))
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(texts, padding=True, return_tensors="np")        # right or left padding
+    logits = apply(params, jnp.asarray(batch["input_ids"], jnp.int32),
+                   jnp.asarray(batch["attention_mask"], jnp.int32))   # [B, T, V] float32
+    export_hf(model, out_folder)              # loads unchanged in transformers.AutoModelForCausalLM
+
+`load_hf(folder, dtype="bfloat16", param_dtype="bfloat16")` computes and stores in bf16. Random init:
+`init_model(ModelConfig.preset("tiny-llama", vocab_size=...), seed=0)`. See `decoder` for masking,
+position, dtype and KV-cache conventions, `config` for the supported configurations, `hf` for
+checkpoint files.
 """
 
 from jaxunlearn.models.config import ModelConfig, ModelConfigError
