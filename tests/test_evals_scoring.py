@@ -1,5 +1,6 @@
 """Jitted teacher-forced scoring and KV-cache generation on a small stand-in model.
 
+8 devices == 1 device is checked with the real model in tests/test_evals_pipeline.py.
 The stand-in implements the models contract (apply / decode with a KV cache) with one attention
 layer, so these tests do not depend on jaxunlearn.models; tests/test_evals_hf_parity.py runs the
 real models against transformers.
@@ -13,7 +14,6 @@ import pytest
 from jaxunlearn.evals import generate as G
 from jaxunlearn.evals import scoring as S
 from jaxunlearn.ops import IGNORE
-from jaxunlearn.sharding import batch_sharding, make_mesh, replicated
 
 V, D, MAXPOS = 37, 16, 64
 PAD, EOS = 0, 1
@@ -76,12 +76,6 @@ def score_fn():
     return S.make_score_fn(standin_apply)
 
 
-@pytest.fixture(scope="module")
-def mesh8():
-    assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices (conftest)"
-    return make_mesh(data=4, fsdp=2)
-
-
 def _close(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
@@ -107,10 +101,9 @@ def test_token_stats_by_hand():
 
 def test_batched_equals_unbatched_and_padding_invariant(params, score_fn):
     ex = _examples(11)
+    # 11 examples in batches of 4: the last batch has fill rows; bucket 32 pads far more than 16
     one = S.score_examples(score_fn, params, ex, batch_size=1, pad_id=PAD, buckets=(16,))
-    four = S.score_examples(score_fn, params, ex, batch_size=4, pad_id=PAD, buckets=(16,))
     wide = S.score_examples(score_fn, params, ex, batch_size=4, pad_id=PAD, buckets=(32,))
-    _close(one, four)
     _close(one, wide)
     # against a direct, unpadded forward pass of one example
     e = ex[3]
@@ -120,17 +113,6 @@ def test_batched_equals_unbatched_and_padding_invariant(params, score_fn):
     keep = np.array(e["labels"][1:]) != IGNORE
     np.testing.assert_allclose(one[3].logp, np.asarray(lp)[keep], rtol=1e-5, atol=1e-5)
     assert one[3].mean_nll == pytest.approx(-float(np.asarray(lp)[keep].mean()), rel=1e-5)
-
-
-def test_eight_devices_equal_one(params, score_fn, mesh8):
-    ex = _examples(11)
-    bs = batch_sharding(mesh8)
-    ps = jax.tree.map(lambda _: replicated(mesh8), params)
-    sharded = S.make_score_fn(standin_apply, ps, bs)
-    placed = jax.device_put(params, ps)
-    many = S.score_examples(sharded, placed, ex, batch_size=8, pad_id=PAD, buckets=(16,), batch_sharding=bs)
-    one = S.score_examples(score_fn, params, ex, batch_size=8, pad_id=PAD, buckets=(16,))
-    _close(one, many)
 
 
 _apply_jit = jax.jit(standin_apply)
@@ -169,16 +151,6 @@ def test_generation_matches_naive_greedy(params, prompts):
     want = [G.trim_at_eos(_naive_greedy(p, pr, N_NEW), EOS) for pr in prompts]
     assert got == want
     assert any(len(g) < N_NEW for g in got)
-
-
-def test_generation_eight_devices_equal_one(params, prompts, mesh8):
-    bs = batch_sharding(mesh8)
-    ps = jax.tree.map(lambda _: replicated(mesh8), params)
-    gen8 = G.make_generate_fn(standin_decode, standin_cache, N_NEW, EOS, PAD, ps, bs)
-    gen1 = G.make_generate_fn(standin_decode, standin_cache, N_NEW, EOS, PAD)
-    many = G.generate_tokens(gen8, jax.device_put(params, ps), prompts, 8, PAD, EOS, (8,), batch_sharding=bs)
-    one = G.generate_tokens(gen1, params, prompts, 8, PAD, EOS, (8,))
-    assert many == one
 
 
 def test_trim_and_stop_strings():

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _buckets(max_len: int) -> tuple[int, ...]:
-    out, b = [], 32
+    out, b = [], 64
     while b < max_len:
         out.append(b)
         b *= 2
