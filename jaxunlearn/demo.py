@@ -101,6 +101,43 @@ def before_after(out: pathlib.Path, cfg, bench, tokenizer) -> dict[str, dict[str
     return table
 
 
+def tofu_style(out: pathlib.Path, cfg, bench, tokenizer, max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+    """TOFU metrics (jaxunlearn.evals) of the reference and forget model on the synthetic benchmark:
+    forget / retain answer probability, truth-ratio score and ROUGE-L recall of greedy answers
+    (up to `max_new_tokens`), and model utility."""
+    from jaxunlearn.data import prompt_format_for
+    from jaxunlearn.evals.evaluator import Evaluator
+    from jaxunlearn.evals.tofu import evaluate_tofu
+    from jaxunlearn.runner import load_run_params
+
+    run = out / "unlearn"
+    setup, ref, _ = load_run_params(run, "reference")
+    _, forget, _ = load_run_params(run, "forget", alpha=cfg.mox.alpha, mesh=setup.mesh)
+    fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
+    ev = Evaluator.create(setup.graphdef, ref, setup.model_cfg, tokenizer, fmt, mesh=setup.mesh, batch_size=EVAL_BATCH,
+                          buckets=(max(cfg.data.buckets),), max_len=max(cfg.data.buckets))
+    table = {}
+    for name, params in (("reference", ref), (f"forget (alpha={cfg.mox.alpha:g})", forget)):
+        summary, _ = evaluate_tofu(ev.with_params(params), bench, max_new_tokens=max_new_tokens, with_mia=False)
+        table[name] = {
+            "forget P": summary["forget"]["prob"],
+            "forget ROUGE": summary["forget"]["rouge"],
+            "forget TR": summary["forget"]["truth_ratio"],
+            "retain P": summary["retain"]["prob"],
+            "retain ROUGE": summary["retain"]["rouge"],
+            "utility": summary["model_utility"] if summary["model_utility"] is not None else float("nan"),
+        }
+    return table
+
+
+def format_metrics(table: dict) -> str:
+    cols = list(next(iter(table.values())))
+    head = f"{'model':<20}" + "".join(f"{c:>14}" for c in cols)
+    lines = [head, "-" * len(head)]
+    lines += [f"{name:<20}" + "".join(f"{row[c]:>14.3f}" for c in cols) for name, row in table.items()]
+    return "\n".join(lines)
+
+
 def format_table(table: dict) -> str:
     splits = list(next(iter(table.values())))
     head = f"{'model':<20}" + "".join(f"{s + ' NLL':>14}{s + ' P':>12}" for s in splits)
@@ -110,7 +147,7 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | pathlib.Path, fast: bool = False, log=print) -> dict:
+def run_demo(out: str | pathlib.Path, fast: bool = False, tofu: bool = True, log=print) -> dict:
     """Fine-tune, unlearn, extrapolate and evaluate; returns the before/after table."""
     from jaxunlearn import runner
 
@@ -132,6 +169,11 @@ def run_demo(out: str | pathlib.Path, fast: bool = False, log=print) -> dict:
     log("")
     log(format_table(table))
     ck.append_metrics(out / "unlearn", {"event": "demo_table", "table": table})
+    if tofu:
+        log("\nTOFU-style metrics (jaxunlearn.evals; TR = truth-ratio score, ROUGE = ROUGE-L recall of greedy answers)")
+        metrics = tofu_style(out, cfg, bench, tokenizer)
+        log(format_metrics(metrics))
+        ck.append_metrics(out / "unlearn", {"event": "demo_tofu", "table": metrics})
     log(f"\ntotal {time.time() - t0:.0f}s; run directories under {out}")
     return table
 
@@ -148,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jaxunlearn demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="jaxunlearn-demo", help="output folder (default: ./jaxunlearn-demo)")
     p.add_argument("--fast", action="store_true", help="shorter training (for tests)")
+    p.add_argument("--no-tofu", action="store_true", help="skip the TOFU-style metrics (generation)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     from jaxunlearn.runner import _cli
 
     def body():
-        table = run_demo(a.out, a.fast)
+        table = run_demo(a.out, a.fast, tofu=not a.no_tofu)
         ok, d_forget, d_retain = forgot_more_than_lost(table)
         print(f"forget NLL +{d_forget:.3f} vs retain NLL {d_retain:+.3f}: " + ("OK" if ok else "NOT forgetting"))
         if not ok and not a.fast:

@@ -24,7 +24,8 @@ def test_paper_configs_load():
 
 
 def test_demo_fast_end_to_end(tmp_path, capsys):
-    assert demo.main(["--fast", "--out", str(tmp_path)]) == 0
+    # --no-tofu: generation-based metrics cost a compile too many here; `jaxunlearn demo` in CI runs them
+    assert demo.main(["--fast", "--no-tofu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "forget NLL" in out and "reference" in out
     ref_run, run = tmp_path / "reference", tmp_path / "unlearn"
