@@ -12,6 +12,8 @@ Writes, per evaluated model LABEL: OUT/LABEL.summary.json and OUT/LABEL.per_samp
 OUT/results.md (a markdown table of every summary in OUT), OUT/tradeoff.png (forget quality vs model
 utility) and, for a run, OUT/training.png (metrics.jsonl over steps). Forget quality needs the retain
 model's per-sample file (--retain-results RETAIN_OUT/LABEL.per_sample.json); without it it is n/a.
+Reports cover every *.summary.json in OUT, so evaluating several runs (methods) into one --out folder
+gives one table and one trade-off plot across methods (points grouped by the run's `method`).
 """
 
 from __future__ import annotations
