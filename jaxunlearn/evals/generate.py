@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from jaxunlearn.evals.metrics import cut_at
-from jaxunlearn.evals.scoring import batch_order, fill_rows
+from jaxunlearn.evals.scoring import batch_order, fetch, fill_rows, place_batch
 
 
 def make_generate_fn(
@@ -103,15 +103,11 @@ def generate_tokens(
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = fill_rows(collate_prompts([prompts[i] for i in idx], pad_id, buckets), batch_size)
-        if batch_sharding is None:
-            ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-        else:
-            ids = jax.device_put(batch["input_ids"], batch_sharding)
-            mask = jax.device_put(batch["attention_mask"], batch_sharding)
-        pending.append((idx, gen_fn(params, ids, mask)))
+        placed = place_batch(batch, batch_sharding)
+        pending.append((idx, gen_fn(params, placed["input_ids"], placed["attention_mask"])))
     out: list[list[int]] = [[] for _ in prompts]
     for idx, toks in pending:
-        host = np.asarray(jax.device_get(toks))
+        host = np.asarray(fetch(toks))
         for row, i in enumerate(idx):
             out[i] = trim_at_eos(host[row], eos_id)
     return out

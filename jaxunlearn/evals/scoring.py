@@ -112,10 +112,28 @@ def iter_batches(examples: Sequence[Mapping], batch_size: int, pad_id: int, buck
         yield idx, fill_rows(batch, batch_size)
 
 
-def _place(batch: Mapping[str, np.ndarray], batch_sharding: Any) -> dict:
+def place_batch(batch: Mapping[str, np.ndarray], batch_sharding: Any = None) -> dict:
+    """Host batch -> device arrays: default placement, or split by `batch_sharding`.
+
+    With several processes every host holds the same global batch; each contributes its own rows
+    (`jaxunlearn.data.host_slice`) to one global array (`to_global`).
+    """
     if batch_sharding is None:
-        return {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
-    return {k: jax.device_put(batch[k], batch_sharding) for k in BATCH_KEYS}
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+    from jaxunlearn.data import host_slice, to_global
+
+    return to_global(host_slice(dict(batch)), batch_sharding)
+
+
+def fetch(tree: Any) -> Any:
+    """Device results -> numpy on every host (all-gathered across processes when there are several)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def score_examples(
@@ -133,9 +151,10 @@ def score_examples(
     out: list[SampleScore | None] = [None] * len(examples)
     pending = []
     for idx, batch in iter_batches(examples, batch_size, pad_id, buckets):
-        pending.append((idx, score_fn(params, _place(batch, batch_sharding))))
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        pending.append((idx, score_fn(params, place_batch(batch, batch_sharding))))
     for idx, res in pending:  # dispatch everything first, then read back
-        host = jax.device_get(res)
+        host = fetch(res)
         for row, i in enumerate(idx):
             keep = host["mask"][row] > 0
             out[i] = SampleScore(
