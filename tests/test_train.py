@@ -154,6 +154,17 @@ def test_sharded_run_matches_single_device(sharded, single):
     assert max(diffs) < 1e-5, max(diffs)
 
 
+def test_step_donates_state_not_reference_and_keeps_shardings(world):
+    step, state, ref = start(world, (2, 2, 2))
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    params, opt_state, _ = step(state.params, state.opt_state, next(batches_from(world)(0)), ref)
+    assert all(x.is_deleted() for x in jax.tree.leaves((state.params, state.opt_state)))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(ref))
+    for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+        assert x.sharding.is_equivalent_to(sh, x.ndim)
+    assert any("fsdp" in x.sharding.spec or "tensor" in x.sharding.spec for x in jax.tree.leaves(opt_state) if x.ndim)
+
+
 def test_nonfinite_guard_stops_with_params_unchanged(world):
     step, state, ref = start(world, (2, 2, 2))
     seen = {}
