@@ -340,11 +340,11 @@ def finetune(cfg: RunConfig, run: str | pathlib.Path | None = None, split: str =
     from jaxunlearn.objectives import get_objective
 
     cfg, run = resolve_run(dataclasses.replace(cfg, method="finetune"), run)
-    check_or_write_config(cfg, run)
     bench = load_benchmark(cfg.data)
     rows = getattr(bench, split, None)
     if not isinstance(rows, list) or not rows or not isinstance(rows[0], (dict, str)):
         raise ValueError(f"--split {split!r}: not a non-empty split of benchmark {bench.name}")
+    check_or_write_config(cfg, run)
     tokenizer = load_tokenizer(cfg, bench)
     setup, params, source = initial_params(cfg, tokenizer)
     examples = encode(tokenizer, cfg, rows)

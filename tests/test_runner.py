@@ -160,8 +160,10 @@ def test_config_errors_are_one_line(runs, work, capsys):
     assert runner.unlearn_main([str(work / "tiny.yaml"), "train.nope=1", "--run", str(work / "x")]) == 1
     assert runner.extrapolate_main(["--run", str(work / "missing"), "--alpha", "2"]) == 1
     assert runner.unlearn_main([str(work / "nope.yaml"), "--run", str(work / "y")]) == 1
+    assert runner.finetune_main([str(work / "tiny.yaml"), "--split", "nope", "--run", str(work / "z")]) == 1
     err = _last_err(capsys)
-    assert len(err) == 4
+    assert len(err) == 5 and "--split 'nope'" in err[4]
+    assert not (work / "z").exists()
     assert "train.lr" in err[0] and "differs" in err[0]
     assert "train.nope" in err[1] and "does not exist" in err[2] and "nope.yaml" in err[3]
     assert _snapshot(clean) == before
