@@ -84,12 +84,14 @@ def test_tofu_summary_records_sizes_and_is_consistent(tofu_result, bench):
     json.dumps(summary), json.dumps(per_sample)  # JSON-ready
 
 
-def test_forget_quality_from_saved_retain_values(tofu_result, ev, tmp_path):
+def test_forget_quality_from_saved_retain_values(tofu_result, ev, bench, tmp_path):
     summary, per_sample = tofu_result
     path = tmp_path / "retain.per_sample.json"
     path.write_text(json.dumps(per_sample))
     ratios = load_forget_ratios(path)
     assert M.forget_quality([x["truth_ratio"] for x in per_sample["forget"]], ratios) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same forget split"):
+        evaluate_tofu(ev, bench, retain_ratios=ratios[:-1])
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):

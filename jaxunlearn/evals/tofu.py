@@ -130,6 +130,9 @@ def evaluate_mia(ev, forget_rows: Sequence[dict], holdout_rows: Sequence[dict]) 
 def evaluate_tofu(ev, bench, retain_ratios=None, max_new_tokens: int = TOFU_MAX_NEW_TOKENS,
                   model_name: str = "", with_mia: bool = True) -> tuple[dict, dict]:
     """(summary, per_sample) for one model. Both are JSON-ready dicts."""
+    if retain_ratios is not None and len(retain_ratios) != len(bench.forget_perturbed):
+        raise EvalError(f"retain-model results have {len(retain_ratios)} forget truth ratios but this forget split "
+                        f"has {len(bench.forget_perturbed)} rows; evaluate the retain model on the same forget split")
     summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "sizes": {},
                                "whole_splits": True, "max_new_tokens": int(max_new_tokens)}
     per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name}
