@@ -207,3 +207,8 @@ def test_real_model_batched_equals_unbatched(ev, bench):
     for a, b in zip(batched, single):
         np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(a.match, b.match)
+
+
+def test_prompt_longer_than_max_len_is_a_clear_error(ev):
+    with pytest.raises(ValueError, match="no scored token"):
+        dataclasses.replace(ev, max_len=4).score_qa([("a long question " * 4, "an answer")])

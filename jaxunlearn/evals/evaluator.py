@@ -20,6 +20,7 @@ import jax
 
 from jaxunlearn.evals import generate as gen_mod
 from jaxunlearn.evals.scoring import SampleScore, make_score_fn, score_examples
+from jaxunlearn.ops import IGNORE
 
 DEFAULT_EVAL_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -91,6 +92,10 @@ class Evaluator:
         """Teacher-forced scores of encoded examples (dict input_ids, labels)."""
         if not examples:
             return []
+        empty = [i for i, e in enumerate(examples) if not any(t != IGNORE for t in e["labels"][1:])]
+        if empty:
+            raise ValueError(f"example {empty[0]} has no scored token (its prompt fills max_len={self.max_len}); "
+                             "raise max_len")
         return score_examples(self._score_fn(), self.params, examples, self.batch_size, self.pad_id,
                               self.buckets, self.batch_sharding)
 
