@@ -2,7 +2,7 @@
 
     jaxunlearn finetune [CONFIG.yaml] [key=value ...] --run DIR [--split full] [--hf-out DIR]
     jaxunlearn unlearn  [CONFIG.yaml] [key=value ...] --run DIR [--reference PATH] [--overwrite]
-    jaxunlearn extrapolate --run DIR --alpha A [A ...] [--step S] [--overwrite]
+    jaxunlearn extrapolate --run DIR [--alpha A [A ...]] [--step S] [--overwrite]
     jaxunlearn export-hf --run DIR --which forget|memorized|reference [--alpha A] [--eta E] [--step S] --out DIR
 
 A run directory is laid out as in `jaxunlearn.checkpoint`. `finetune` trains a model on a
@@ -439,11 +439,13 @@ def unlearn(
         reference_hash=ref_hash,
         momentum=momentum,
     )
-    start = copy_tree(ref_params) if ck.MemorizedCheckpoints(run, subdir=ck.MEMORIZED_DIR).latest_step() is None else None
+    with ck.MemorizedCheckpoints(run, subdir=ck.MEMORIZED_DIR) as mgr:
+        fresh = mgr.latest_step() is None
+    start = copy_tree(ref_params) if fresh else None  # the trainable copy (donated by the step)
     state, n_steps = train_stage(run, cfg, setup, stage, start, ref_params)
     write_forget(run, ref_params, state.params, alpha, n_steps, overwrite, cfg.mox.rule)
     if cfg.mox.momentum:
-        _write_forget_params(run, state.extras["momentum"], alpha, n_steps, eta, overwrite)
+        _write_forget_params(run, state.extras["momentum"], alpha, n_steps, eta, overwrite, cfg.mox.rule)
     return run
 
 
@@ -455,16 +457,16 @@ def write_forget(
     from jaxunlearn.train import copy_tree
 
     forget = ex.extrapolate(ref_params, copy_tree(mem_params), alpha, rule)
-    return _write_forget_params(run, forget, alpha, source_step, None, overwrite)
+    return _write_forget_params(run, forget, alpha, source_step, None, overwrite, rule)
 
 
-def _write_forget_params(run, params, alpha, source_step, eta, overwrite) -> pathlib.Path:
+def _write_forget_params(run, params, alpha, source_step, eta, overwrite, rule: str = "linear") -> pathlib.Path:
     path = ck.forget_path(run, alpha, eta)
     if not overwrite and (path / ck.META_FILE).exists():
         meta = ck.read_meta(path)
         if meta.get("hash") == ck.params_hash(params) and meta.get("source_step") == source_step:
             return path  # a rerun that computed the same forget model
-    path = ck.save_forget(run, params, alpha, source_step, eta=eta, overwrite=overwrite)
+    path = ck.save_forget(run, params, alpha, source_step, eta=eta, meta={"rule": rule}, overwrite=overwrite)
     ck.append_metrics(run, {"event": "forget_written", "alpha": alpha, "eta": eta, "source_step": source_step})
     return path
 
@@ -503,14 +505,19 @@ def load_run_params(
     raise ValueError(f"--which {which!r}: expected forget, memorized or reference")
 
 
-def extrapolate_run(run, alphas: list[float], step: int | None = None, overwrite: bool = False) -> list[pathlib.Path]:
-    """Write RUN/forget/alpha_A for every alpha from the reference and a memorised step."""
+def extrapolate_run(
+    run, alphas: list[float] | None = None, step: int | None = None, overwrite: bool = False
+) -> list[pathlib.Path]:
+    """Write RUN/forget/alpha_A for every alpha (default: the run's mox.alphas) from the
+    reference and a memorised step (default: the latest)."""
     run = pathlib.Path(run)
+    cfg, _ = run_setup(run)
     setup, ref_params, _ = load_run_params(run, "reference")
     _, mem_params, position = load_run_params(run, "memorized", step=step, mesh=setup.mesh)
     if position.get("reference_hash") != ck.reference_hash(run):
         raise ck.HashMismatchError(f"{run}/{ck.MEMORIZED_DIR}: memorised step was not trained from this run's reference")
-    return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite) for a in alphas]
+    alphas = list(cfg.mox.alphas) if not alphas else alphas
+    return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite, cfg.mox.rule) for a in alphas]
 
 
 def export_run(run, which: str, out, alpha: float | None = None, eta: float | None = None, step: int | None = None):
@@ -592,7 +599,7 @@ def unlearn_main(argv: list[str]) -> int:
 def extrapolate_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxunlearn extrapolate", description="write forget models for given alphas")
     p.add_argument("--run", required=True)
-    p.add_argument("--alpha", type=float, nargs="+", required=True)
+    p.add_argument("--alpha", type=float, nargs="+", help="alphas to write (default: mox.alphas of the run)")
     p.add_argument("--step", type=int, help="memorised step to use (default: latest)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
