@@ -139,6 +139,10 @@ def _is_dataclass_type(tp) -> bool:
 def _type_name(tp) -> str:
     if tp is type(None):
         return "null"
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -35,6 +35,8 @@ def test_defaults_and_overrides():
         ("mesh.data=0", ["mesh.data"]),
         ("mox.eta=1.5", ["eta"]),
         ("train.batch_size=0", ["batch_size"]),
+        ("model.hf_folder=[1]", ["model.hf_folder", "str or null"]),
+        ("train.max_steps=x", ["train.max_steps", "int or null"]),
     ],
 )
 def test_override_errors_name_the_key(override, words):
