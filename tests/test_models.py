@@ -90,8 +90,8 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(built, tokens):
 
 
 def test_bf16_forward_close_to_fp32(built, tokens):
-    """bf16 parameters and compute: logits within 0.1 absolute of fp32 on tiny random models whose logits
-    are O(1). bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.004); rounding the weights, every
+    """bf16 parameters and compute: logits within 0.05 absolute of fp32 on tiny random models whose logits
+    are O(1) (measured: ~0.015). bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.004); rounding the weights, every
     activation and two layers of 64-wide matmuls and residual adds accumulates tens of such steps, and
     the logits themselves are accumulated in fp32. Greedy tokens must mostly agree."""
     cfg, params, apply, _ = built
@@ -104,7 +104,7 @@ def test_bf16_forward_close_to_fp32(built, tokens):
     real = np.asarray(mask).astype(bool)
     assert low.dtype == np.float32 and np.isfinite(low).all()
     err = np.abs(low - ref)[real]
-    assert err.max() < 0.1, err.max()
+    assert err.max() < 0.05, err.max()
     assert err.max() > 0  # it really ran in lower precision
     assert np.mean(np.argmax(low, -1)[real] == np.argmax(ref, -1)[real]) > 0.8
 
@@ -174,8 +174,8 @@ def test_config_hf_dict_roundtrip_and_errors():
         ModelConfig.from_hf_dict({"model_type": "gpt2"})
     with pytest.raises(ModelConfigError, match="'hidden_size'"):
         ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 10})
-    with pytest.raises(ModelConfigError, match="yarn"):
-        ModelConfig.from_hf_dict({**scaled.to_hf_dict(), "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ModelConfigError, match="longrope"):
+        ModelConfig.from_hf_dict({**scaled.to_hf_dict(), "rope_parameters": {"rope_type": "longrope"}})
     with pytest.raises(ModelConfigError, match="num_kv_heads"):
         ModelConfig.preset("tiny-llama", num_kv_heads=3)
     with pytest.raises(ModelConfigError, match="unknown model preset"):

@@ -30,6 +30,8 @@ ARCHS = {
         rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
     "mistral_sliding_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4)),
     "qwen2_biases_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_yarn_rope": ("Qwen2Config", dict(num_key_value_heads=2, max_position_embeddings=32, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8))),
     "phi": ("PhiConfig", dict()),
     "phi_gqa_tied_qk_layernorm": ("PhiConfig", dict(num_key_value_heads=2, tie_word_embeddings=True,
                                                     qk_layernorm=True)),

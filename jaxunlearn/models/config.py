@@ -7,7 +7,8 @@ attention, tied or untied embeddings, explicit `head_dim`, Llama `attention_bias
 q/k/v-only biases are all covered.
 
 Rope scaling types: "default", "linear", "dynamic" (NTK, recomputed from the largest position in each call,
-which is what a freshly loaded `transformers` model does) and "llama3". Others raise `ModelConfigError`.
+which is what a freshly loaded `transformers` model does), "llama3" and "yarn". Others (e.g. "longrope")
+raise `ModelConfigError`.
 
 Sliding-window attention (Mistral, Qwen2 `use_sliding_window`) is applied in the attention mask: a query in
 cache slot s sees slot j only if s - window < j <= s, on the layers whose `layer_types` entry is
@@ -26,7 +27,7 @@ class ModelConfigError(ValueError):
     """A model configuration is malformed or uses something this package does not implement."""
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 HF_ARCHITECTURES = {
@@ -190,7 +191,7 @@ class ModelConfig:
         rope_type = rope.pop("rope_type", None) or legacy_type or "default"
         scaling = None
         if rope_type != "default":
-            if rope_type == "llama3":
+            if rope_type in ("llama3", "yarn"):
                 rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
             scaling = tuple(sorted({"rope_type": rope_type, **rope}.items()))
         eos = d.get("eos_token_id")

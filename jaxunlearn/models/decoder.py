@@ -152,7 +152,57 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif kind == "yarn":
+        inv = _yarn_inv_freq(cfg, params)
     return inv
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """Factor applied to cos/sin (YaRN's attention temperature; 1 for every other rope type)."""
+    params = cfg.rope_params
+    if params.get("rope_type") != "yarn":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = _yarn_factor(cfg, params)
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def _yarn_factor(cfg: ModelConfig, params: dict) -> float:
+    if params.get("factor") is None:
+        return cfg.max_position_embeddings / params["original_max_position_embeddings"]
+    return float(params["factor"])
+
+
+def _yarn_inv_freq(cfg: ModelConfig, params: dict) -> np.ndarray:
+    """YaRN: interpolate low frequencies by `factor`, keep high ones, linear ramp between."""
+    dim, base = cfg.rotary_dim, cfg.rope_theta
+    factor = _yarn_factor(cfg, params)
+    old_len = params["original_max_position_embeddings"]
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    pos_freqs = (np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))).astype(np.float32)
+    extrapolation = (1.0 / pos_freqs).astype(np.float32)
+    interpolation = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    keep = (1 - ramp).astype(np.float32)
+    return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -169,7 +219,8 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
         inv = 1.0 / (base ** exponents)
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    scale = rope_attention_scale(cfg)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
