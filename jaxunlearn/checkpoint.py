@@ -99,7 +99,7 @@ def params_hash(tree: Any) -> str:
     digest = hashlib.sha256()
     for name, leaf in sorted(((canonical_path(p), x) for p, x in leaves), key=lambda t: t[0]):
         arr = np.ascontiguousarray(_host_array(leaf))
-        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}\n".encode())
+        digest.update(f"{name}|{arr.dtype.name}|{arr.dtype.byteorder}|{arr.shape}\n".encode())
         digest.update(arr.tobytes())
     return digest.hexdigest()
 

@@ -17,7 +17,8 @@ trains the memorisation model (RUN/memorized/) and writes the forget model for `
 Resume: rerunning the same command continues from the latest complete checkpoint (params,
 optimiser state, RNG key, data position and, with momentum, the running forget model), so the
 result is bitwise equal to an uninterrupted run. A rerun whose resolved config differs from
-RUN/config.yaml is refused.
+RUN/config.yaml is refused, except in keys that do not change the result (checkpointing,
+logging, run_dir; see RESULT_NEUTRAL_KEYS).
 
 Every expected failure (bad config, missing run, hash mismatch, non-finite step) ends with one
 line on stderr and exit status 1; checkpoints already written are kept.
@@ -40,6 +41,10 @@ from jaxunlearn import checkpoint as ck
 from jaxunlearn.config import RunConfig, from_dict, load_config, to_dict
 
 FINETUNE_DIR = "finetune"
+
+
+# config keys a rerun may change: they do not affect the parameters a run produces
+RESULT_NEUTRAL_KEYS = ("run_dir", "checkpoint.", "train.log_every")
 
 
 class RunConfigMismatchError(ValueError):
@@ -187,7 +192,7 @@ def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
     new = to_dict(cfg)
     if (run / ck.CONFIG_FILE).exists():
         old = to_dict(from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE)))
-        diff = sorted(_diff_keys(old, new) - {"run_dir"})
+        diff = sorted(k for k in _diff_keys(old, new) if not k.startswith(RESULT_NEUTRAL_KEYS))
         if diff:
             raise RunConfigMismatchError(
                 f"{run / ck.CONFIG_FILE}: this command's config differs at {', '.join(diff)}; "
