@@ -21,7 +21,8 @@ RUN/config.yaml is refused, except in keys that do not change the result (checkp
 logging, run_dir; see RESULT_NEUTRAL_KEYS).
 
 Every expected failure (bad config, missing run, hash mismatch, non-finite step) ends with one
-line on stderr and exit status 1; checkpoints already written are kept.
+line on stderr and exit status 1 (JAXUNLEARN_DEBUG=1 shows the traceback instead);
+checkpoints already written are kept.
 
 Python API used by the demo and tests: `finetune(cfg, run, split)`, `unlearn(cfg, run, reference)`,
 `extrapolate_run(run, alphas)`, `export_run(run, which, out)`; `load_run_params(run, which)`.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import sys
 from typing import Any, Callable
@@ -565,6 +567,8 @@ def _cli(prog: str, body: Callable[[], Any]) -> int:
         body()
         return 0
     except (ValueError, OSError, NonFiniteError) as e:
+        if os.environ.get("JAXUNLEARN_DEBUG"):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"jaxunlearn {prog}: error: {msg}", file=sys.stderr)
         return 1
