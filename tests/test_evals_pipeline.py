@@ -212,3 +212,24 @@ def test_real_model_batched_equals_unbatched(ev, bench):
 def test_prompt_longer_than_max_len_is_a_clear_error(ev):
     with pytest.raises(ValueError, match="no scored token"):
         dataclasses.replace(ev, max_len=4).score_qa([("a long question " * 4, "an answer")])
+
+
+def test_cli_on_hf_folder(tmp_path, capsys):
+    from jaxunlearn.models import export_hf
+
+    bench = synthetic_benchmark(seed=0, n_entities=5)
+    tok = synthetic_tokenizer(bench)
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = tmp_path / "hf"
+    export_hf(init_model(cfg, seed=2), folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "out"
+    rc = cli.main([str(folder), "--benchmark", "synthetic", "--synthetic-entities", "5", "--max-new-tokens", "4",
+                   "--max-len", "64", "--batch-size", "8", "--mesh-data", "1", "--no-mia", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((out / "hf.summary.json").read_text())
+    assert s["benchmark"] == bench.name and s["sizes"]["forget"] == len(bench.forget_perturbed)
+    per = json.loads((out / "hf.per_sample.json").read_text())
+    assert len(per["retain"]) == len(bench.retain_perturbed)
+    assert "| hf |" in (out / "results.md").read_text()

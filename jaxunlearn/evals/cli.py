@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the hub")
     p.add_argument("--forget-split", default="forget10")
     p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--synthetic-entities", type=int, default=40)
     p.add_argument("--muse-corpus", default="news")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's folder)")
     p.add_argument("--prompt-format", help="qa, llama2-chat or chat (default: from the tokenizer)")
@@ -96,7 +97,7 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
     if args.benchmark == "tofu":
         bench = data.tofu_benchmark(args.forget_split, source=args.data_source)
     elif args.benchmark == "synthetic":
-        bench = data.synthetic_benchmark(seed=args.synthetic_seed)
+        bench = data.synthetic_benchmark(seed=args.synthetic_seed, n_entities=args.synthetic_entities)
     else:
         bench = data.muse_benchmark(args.muse_corpus, source=args.data_source)
     tok_dir = pathlib.Path(args.tokenizer or folder)
