@@ -73,9 +73,10 @@ def load_benchmark(data_spec):
     raise ValueError(f"data.benchmark: {data_spec.benchmark!r} has no loader for training runs")
 
 
-def load_tokenizer(cfg: RunConfig, bench):
-    """data.tokenizer, else the HF model folder's tokenizer, else a BPE tokenizer built on the benchmark."""
-    folder = cfg.data.tokenizer or cfg.model.hf_folder
+def load_tokenizer(cfg: RunConfig, bench, fallback_folder: str | None = None):
+    """data.tokenizer, else the HF model folder's tokenizer, else `fallback_folder` (e.g. that of
+    the reference), else a BPE tokenizer built on the benchmark."""
+    folder = cfg.data.tokenizer or cfg.model.hf_folder or fallback_folder
     if folder:
         from transformers import AutoTokenizer
 
@@ -148,8 +149,18 @@ def initial_params(cfg: RunConfig, tokenizer, mesh=None) -> tuple[ModelSetup, An
     return setup, init(), {"preset": cfg.model.preset, "init_seed": seed}
 
 
-def reference_meta(setup: ModelSetup, source: dict) -> dict:
-    return {"model_config": setup.model_cfg.to_hf_dict(), "source": source}
+def reference_meta(setup: ModelSetup, source: dict, tokenizer=None) -> dict:
+    folder = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
+    folder = folder if folder and pathlib.Path(folder).is_dir() else None
+    return {"model_config": setup.model_cfg.to_hf_dict(), "source": source, "tokenizer": folder}
+
+
+def run_tokenizer(run: str | pathlib.Path):
+    """The tokenizer a run was trained with (its config's, else the one recorded with its reference)."""
+    run = pathlib.Path(run)
+    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
+    recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
+    return load_tokenizer(cfg, load_benchmark(cfg.data), recorded)
 
 
 def setup_from_meta(meta: dict, cfg: RunConfig, folder: pathlib.Path, mesh=None) -> ModelSetup:
@@ -368,13 +379,26 @@ def finetune(cfg: RunConfig, run: str | pathlib.Path | None = None, split: str =
 
     # the finetune objective ignores ref_params; a separate copy keeps the donated buffers apart
     state, _ = train_stage(run, cfg, setup, stage, params, copy_tree(params))
-    meta = reference_meta(setup, dict(source, finetuned_on=split, steps=state.step))
+    meta = reference_meta(setup, dict(source, finetuned_on=split, steps=state.step), tokenizer)
     if ck.has_reference(run):
         ck.verify_reference(run, state.params)
     else:
         ck.save_reference(run, state.params, meta)
     ck.append_metrics(run, {"stage": "finetune", "event": "reference_written", "hash": ck.reference_hash(run)})
     return run
+
+
+def reference_tokenizer_folder(reference: str | None) -> str | None:
+    """The tokenizer folder implied by --reference: an HF folder itself, or that of the run's config."""
+    if reference is None:
+        return None
+    path = pathlib.Path(reference)
+    if ck.has_reference(path) and (path / ck.CONFIG_FILE).exists():
+        ref_cfg = from_dict(ck.read_config(path), where=str(path / ck.CONFIG_FILE))
+        return ref_cfg.data.tokenizer or ref_cfg.model.hf_folder
+    if (path / "config.json").exists() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return str(path)
+    return None
 
 
 def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, tokenizer) -> tuple[ModelSetup, Any, str]:
@@ -385,8 +409,8 @@ def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, toke
         if ck.has_reference(ref_path):
             meta = ck.read_meta(ck.reference_path(ref_path))
             setup = setup_from_meta(meta, cfg, ck.reference_path(ref_path))
-            params, meta = ck.load_reference(ref_path, setup.abstract)
-            given = (setup, params, dict(meta, source={"run": str(ref_path)}))
+            params, _ = ck.load_reference(ref_path, setup.abstract)
+            given = (setup, params, {"run": str(ref_path)})
         elif (ref_path / "config.json").exists():
             given = initial_params(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_folder=str(ref_path))), tokenizer)
         else:
@@ -398,13 +422,8 @@ def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, toke
         if given is not None:
             ck.verify_reference(run, given[1])
         return setup, params, meta["hash"]
-    if given is None:
-        setup, params, source = initial_params(cfg, tokenizer)
-        meta = reference_meta(setup, source)
-    else:
-        setup, params, meta = given
-        meta = reference_meta(setup, meta.get("source", {}))
-    digest = ck.save_reference(run, params, meta)
+    setup, params, source = initial_params(cfg, tokenizer) if given is None else given
+    digest = ck.save_reference(run, params, reference_meta(setup, source, tokenizer))
     return setup, params, digest
 
 
@@ -422,8 +441,11 @@ def unlearn(
         raise ValueError(f"method: {cfg.method!r} is not available here (unlearn runs method 'mox')")
     check_or_write_config(cfg, run)
     bench = load_benchmark(cfg.data)
-    tokenizer = load_tokenizer(cfg, bench)
+    tokenizer = load_tokenizer(cfg, bench, reference_tokenizer_folder(reference))
     setup, ref_params, ref_hash = reference_for(cfg, run, reference, tokenizer)
+    if len(tokenizer) > setup.model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the reference model's vocab_size is "
+                         f"{setup.model_cfg.vocab_size}; set data.tokenizer to the reference's tokenizer")
     forget, retain = encode(tokenizer, cfg, bench.forget), encode(tokenizer, cfg, bench.retain)
     target = None
     if cfg.mox.objective == "mox_targeted" or cfg.data.target:
@@ -535,8 +557,7 @@ def export_run(run, which: str, out, alpha: float | None = None, eta: float | No
     setup, params, _ = load_run_params(run, which, alpha, eta, step)
     out = pathlib.Path(out)
     hf.export_hf(merge_params(setup.graphdef, jax.device_get(params)), out)
-    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
-    load_tokenizer(cfg, load_benchmark(cfg.data)).save_pretrained(str(out))
+    run_tokenizer(run).save_pretrained(str(out))
     return out
 
 
