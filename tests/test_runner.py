@@ -61,21 +61,23 @@ def _steps(run):
 def runs(work):
     """(clean run, killed-then-resumed run, step it was killed after)."""
     cfg = work / "tiny.yaml"
-    killed = work / "killed"
-    proc = subprocess.Popen(_cmd("unlearn", cfg, "--run", killed), env=_env(work),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    clean, killed = work / "clean", work / "killed"
+    # the uninterrupted run goes alongside the one to be killed (XLA compiles on one core each)
+    logs = [open(work / f"{run.name}.log", "wb") for run in (clean, killed)]
+    procs = [subprocess.Popen(_cmd("unlearn", cfg, "--run", run), env=_env(work), stdout=log, stderr=log)
+             for run, log in zip((clean, killed), logs)]
     deadline = time.time() + 300
-    while not _steps(killed) and proc.poll() is None and time.time() < deadline:
+    while not _steps(killed) and procs[1].poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[1].wait() == -signal.SIGKILL, (work / "killed.log").read_text()[-2000:]
     killed_at = _steps(killed)[-1]
+    assert procs[0].wait() == 0, (work / "clean.log").read_text()[-2000:]
+    for log in logs:
+        log.close()
 
-    clean = work / "clean"
-    for run in (clean, killed):
-        done = subprocess.run(_cmd("unlearn", cfg, "--run", run), env=_env(work), capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(_cmd("unlearn", cfg, "--run", killed), env=_env(work), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     return clean, killed, killed_at
 
 
