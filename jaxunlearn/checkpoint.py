@@ -230,7 +230,7 @@ def _save_params_folder(
     tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}")
     tmp = pathlib.Path(_broadcast_str(str(tmp)))
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / PARAMS_DIR, params)
+    ckptr.save((tmp / PARAMS_DIR).absolute(), params)  # Orbax needs absolute paths
     ckptr.wait_until_finished()
     ckptr.close()
     meta = dict(meta, hash=params_hash(params), tree=tree_summary(params), written=time.time())
@@ -254,7 +254,7 @@ def _load_params_folder(src: pathlib.Path, target: Any, what: str, verify: bool)
     meta = read_json(src / META_FILE)
     ckptr = ocp.StandardCheckpointer()
     try:
-        params = ckptr.restore(src / PARAMS_DIR, target)
+        params = ckptr.restore((src / PARAMS_DIR).absolute(), target)
     except Exception as e:  # orbax raises assorted types for structure/shape mismatches
         raise CheckpointError(f"{src}: cannot restore {what} parameters: {str(e).splitlines()[0]}") from e
     finally:

@@ -7,7 +7,7 @@
 
 Runs through the same code as the CLI (`jaxunlearn.runner`): run directories DIR/reference
 and DIR/unlearn hold the checkpoints and metrics, and rerunning resumes. The settings are
-`DEMO` below (mirrored by experiments/configs/demo.yaml); `--fast` shortens both stages for
+`DEMO` below (mirrored by experiments/configs/demo_finetune.yaml and demo_unlearn.yaml); `--fast` shortens both stages for
 tests. Sized to finish in about a minute or two on two CPU cores.
 """
 

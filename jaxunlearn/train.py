@@ -95,7 +95,7 @@ def make_step_fn(objective, apply, optimizer: optax.GradientTransformation, sche
             return objective(p, ref_params, batch, apply)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)

@@ -195,3 +195,14 @@ def test_missing_run_and_metrics(tmp_path):
     ck.append_metrics(tmp_path, {"step": 2, "loss": np.float64(0.25)})
     assert [r["loss"] for r in ck.read_metrics(tmp_path)] == [0.5, 0.25]
     assert all(json.loads(l) for l in (tmp_path / ck.METRICS_FILE).read_text().splitlines())
+
+
+def test_relative_run_directory(tmp_path, monkeypatch):
+    """Run directories given relative to the working directory (as on the command line) work."""
+    monkeypatch.chdir(tmp_path)
+    p = _params()
+    ck.save_reference("rel_run", p)
+    ck.save_forget("rel_run", p, alpha=4.0, source_step=0)
+    restored, _ = ck.load_reference("rel_run", ck.abstract_tree(p))
+    _assert_same(restored, p)
+    _assert_same(ck.load_forget("rel_run", 4.0, ck.abstract_tree(p))[0], p)

@@ -13,7 +13,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs
 
 
 def test_demo_yaml_mirrors_builtin_settings():
-    assert yaml.safe_load((CONFIGS / "demo.yaml").read_text()) == demo.DEMO
+    files = {stage: yaml.safe_load((CONFIGS / f"demo_{stage}.yaml").read_text()) for stage in demo.DEMO}
+    assert files == demo.DEMO
 
 
 def test_paper_configs_load():

@@ -176,7 +176,7 @@ def test_cli_on_run_directory_sweep(tmp_path, capsys):
     mcfg = ModelConfig.preset("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     run = _fake_run(tmp_path, init_model(mcfg, seed=1), 5)
-    rc = cli.main([str(run), "--which", "sweep", "--max-new-tokens", "4", "--max-len", "64",
+    rc = cli.main([str(run), "--which", "forget", "sweep", "--alpha", "2", "--max-new-tokens", "4", "--max-len", "64",
                    "--batch-size", "8", "--no-mia", "--mesh-data", "1"])
     assert rc == 0, capsys.readouterr().err
     out = run / "eval"
@@ -186,6 +186,7 @@ def test_cli_on_run_directory_sweep(tmp_path, capsys):
     assert json.loads((out / "alpha_2.0.summary.json").read_text())["run"]["alpha"] == 2.0
     table = (out / "results.md").read_text()
     assert "| alpha_1.0 |" in table and "| alpha_2.0 |" in table
+    assert table.count("| alpha_2.0 |") == 1  # asked for by both `forget` and `sweep`: evaluated once
     assert (out / "tradeoff.png").exists() and (out / "training.png").exists()
 
 

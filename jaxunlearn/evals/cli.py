@@ -119,7 +119,10 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
 
 
 def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
-    """(label, load kwargs) of every model of the run that --which asks for."""
+    """(label, load kwargs) of every model of the run that --which asks for, each once.
+
+    Forget models are labelled by their folder name (alpha_A, or alpha_A_eta_E), so a model asked
+    for twice (e.g. by `forget` and by `sweep`) is evaluated once."""
     from jaxunlearn import checkpoint as ck
 
     out: list[tuple[str, dict]] = []
@@ -130,7 +133,7 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
             out.append(("memorized", {"which": "memorized", "step": args.step}))
         elif which == "forget":
             for a in args.alpha or [cfg.mox.alpha]:
-                out.append((f"forget_alpha_{float(a)}", {"which": "forget", "alpha": a}))
+                out.append((ck.forget_name(float(a)), {"which": "forget", "alpha": a}))
         elif which == "sweep":
             metas = ck.list_forget(run)
             if not metas:
@@ -139,7 +142,10 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
                 out.append((pathlib.Path(m["path"]).name, {"which": "forget", "alpha": m["alpha"], "eta": m.get("eta")}))
         else:
             raise ValueError(f"--which {which!r}: expected reference, memorized, forget or sweep")
-    return out
+    first: dict[str, dict] = {}
+    for label, kw in out:
+        first.setdefault(label, kw)
+    return list(first.items())
 
 
 def _run_target(args) -> list[tuple[str, str, dict]]:
@@ -153,7 +159,7 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
     args.out = args.out or str(run / "eval")
     args.benchmark = args.benchmark or cfg.data.benchmark
     bench = runner.load_benchmark(cfg.data)
-    tok = runner.load_tokenizer(cfg, bench)
+    tok = runner.run_tokenizer(run)
     fmt = data.prompt_format_for(tok, args.prompt_format or cfg.data.prompt_format)
     mesh = make_mesh(data=args.mesh_data)
     results, ev = [], None
