@@ -153,7 +153,10 @@ def read_config(run: str | os.PathLike) -> dict:
     path = pathlib.Path(run) / CONFIG_FILE
     if not path.exists():
         raise RunNotFoundError(f"{path}: no config in run directory")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a mapping at top level")
     return data
@@ -175,7 +178,14 @@ def read_metrics(run: str | os.PathLike) -> list[dict]:
     path = pathlib.Path(run) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}:{n}: not valid JSON ({e})") from None
+    return out
 
 
 def _plain(v: Any) -> Any:

@@ -206,3 +206,14 @@ def test_relative_run_directory(tmp_path, monkeypatch):
     restored, _ = ck.load_reference("rel_run", ck.abstract_tree(p))
     _assert_same(restored, p)
     _assert_same(ck.load_forget("rel_run", 4.0, ck.abstract_tree(p))[0], p)
+
+
+def test_corrupt_config_and_metrics_name_the_file(tmp_path):
+    (tmp_path / ck.CONFIG_FILE).write_text("train: {lr: [\n")
+    with pytest.raises(ck.CheckpointError, match=r"config\.yaml: not valid YAML"):
+        ck.read_config(tmp_path)
+    ck.append_metrics(tmp_path, {"step": 1})
+    with open(tmp_path / ck.METRICS_FILE, "a") as f:
+        f.write('{"step": 2, "lo\n')
+    with pytest.raises(ck.CheckpointError, match=r"metrics\.jsonl:2: not valid JSON"):
+        ck.read_metrics(tmp_path)
