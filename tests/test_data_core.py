@@ -268,3 +268,18 @@ def test_boundary_merge_falls_back_to_separate_answer_ids():
     enc = encode_qa(tok, fmt, "y", "xy", 16)
     assert enc["input_ids"] == [vocab["Q"], vocab["y"], vocab[":"], vocab["x"], vocab["y"], tok.eos_token_id]
     assert enc["labels"] == [IGNORE] * 3 + enc["input_ids"][3:]
+
+
+def test_synthetic_retain_perturbed_stays_in_retain():
+    # more authors to forget than to keep: the retain evaluation split must not contain forget rows
+    b = synthetic_benchmark(seed=0, n_entities=5, n_forget=3, facts_per_entity=2)
+    retain_pairs = {(r["question"], r["answer"]) for r in b.retain}
+    forget_pairs = {(r["question"], r["answer"]) for r in b.forget}
+    pert_pairs = {(r["question"], r["answer"]) for r in b.retain_perturbed}
+    assert pert_pairs and pert_pairs <= retain_pairs and not pert_pairs & forget_pairs
+
+
+def test_synthetic_too_many_perturbed_answers_is_an_error():
+    # only 11 wrong genres exist: asking for more must fail fast, not loop forever
+    with pytest.raises(DataError, match="n_perturbed"):
+        synthetic_benchmark(n_entities=4, n_forget=1, facts_per_entity=3, n_perturbed=12)

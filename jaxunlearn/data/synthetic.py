@@ -8,10 +8,11 @@ paraphrased answer with the true value swapped for wrong values of the same attr
 Splits mirror TOFU: `full` is the general-knowledge rows followed by the authors' rows,
 author by author; `forget` is the last `n_forget` authors' rows (the last rows of full) and
 `retain` the rest of full; `holdout` comes from extra authors never in full; `retain_perturbed`
-covers the first `n_forget` authors. Two fixed general-knowledge sets play the roles of TOFU's
-real_authors (who wrote a classic book) and world_facts (capitals, calendar facts). A model
-trained from scratch has no pretraining, so they are part of `full` and `retain`: they stand
-for knowledge the reference model has and unlearning must keep.
+covers the first `n_forget` retained authors (all of them when fewer are retained). Two fixed
+general-knowledge sets play the roles of TOFU's real_authors (who wrote a classic book) and
+world_facts (capitals, calendar facts). A model trained from scratch has no pretraining, so they
+are part of `full` and `retain`: they stand for knowledge the reference model has and unlearning
+must keep.
 
 Everything is drawn from random.Random(seed); the same arguments give the same rows.
 
@@ -72,6 +73,8 @@ _FACTS = (
      "{name} is the writer of {genre} who was born in {city} in {year}."),
 )
 MAX_FACTS = len(_FACTS)
+# attributes drawn from a fixed word list: at most this many distinct wrong values exist
+_WRONG_LIMIT = {"year": 99, "genre": len(_GENRES) - 1, "father": len(_JOBS) - 1, "mother": len(_JOBS) - 1}
 
 # Fixed general knowledge (true facts), in the roles of TOFU's real_authors and world_facts.
 _CLASSICS = (
@@ -202,6 +205,10 @@ def synthetic_benchmark(
         raise DataError(f"n_forget must be in 1..n_entities-1 ({n_entities - 1}), got {n_forget}")
     if n_perturbed < 1:
         raise DataError(f"n_perturbed must be >= 1, got {n_perturbed}")
+    limits = [_WRONG_LIMIT[f[0]] for f in _FACTS[:facts_per_entity] if f[0] in _WRONG_LIMIT]
+    if limits and n_perturbed > min(limits):
+        raise DataError(f"n_perturbed must be <= {min(limits)} with facts_per_entity={facts_per_entity} "
+                        f"(not enough distinct wrong values), got {n_perturbed}")
     n_holdout = n_forget if n_holdout is None else n_holdout
     if n_holdout < 1:
         raise DataError(f"n_holdout must be >= 1, got {n_holdout}")
@@ -223,7 +230,7 @@ def synthetic_benchmark(
         retain=full[: len(full) - len(forget_rows)],
         holdout=_qa(holdout_rows),
         forget_perturbed=forget_rows,
-        retain_perturbed=[r for rows in per_author[:n_forget] for r in rows],
+        retain_perturbed=[r for rows in per_author[:min(n_forget, n_entities - n_forget)] for r in rows],
         extra_evals={"real_authors": classics, "world_facts": world},
         full=full,
         idk=list(DEFAULT_IDK),
