@@ -439,9 +439,12 @@ def unlearn(
     cfg, run = resolve_run(cfg, run)
     if cfg.method != "mox":
         raise ValueError(f"method: {cfg.method!r} is not available here (unlearn runs method 'mox')")
+    ex.get_rule(cfg.mox.rule)  # an unknown rule must fail now, not after the whole memorisation run
     check_or_write_config(cfg, run)
     bench = load_benchmark(cfg.data)
-    tokenizer = load_tokenizer(cfg, bench, reference_tokenizer_folder(reference))
+    # a rerun (maybe without --reference) keeps the tokenizer recorded with the run's reference
+    recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
+    tokenizer = load_tokenizer(cfg, bench, recorded or reference_tokenizer_folder(reference))
     setup, ref_params, ref_hash = reference_for(cfg, run, reference, tokenizer)
     if len(tokenizer) > setup.model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the reference model's vocab_size is "

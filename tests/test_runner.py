@@ -189,3 +189,43 @@ def test_extrapolate_and_export_hf(runs, work):
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     _, loaded = split_params(hf.load_hf(out))
     _assert_bitwise(jax.device_get(loaded), _params(clean, "forget", alpha=2.0)[0])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_unknown_extrapolation_rule_fails_before_training(tmp_path, monkeypatch):
+    def train_stage(*args, **kwargs):
+        raise _Stop("training started")
+
+    monkeypatch.setattr(runner, "train_stage", train_stage)
+    cfg = runner.from_dict(dict(TINY, mox=dict(TINY["mox"], rule="bogus")))
+    with pytest.raises(ValueError, match="unknown extrapolation rule 'bogus'"):
+        runner.unlearn(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerun_without_reference_keeps_the_recorded_tokenizer(tmp_path, monkeypatch):
+    from jaxunlearn.data import synthetic_benchmark, synthetic_tokenizer
+
+    cfg = runner.from_dict(TINY)
+    recorded = synthetic_tokenizer(synthetic_benchmark(seed=1, n_entities=5))
+    own = synthetic_tokenizer(runner.load_benchmark(cfg.data))
+    assert recorded.get_vocab() != own.get_vocab()
+    recorded.save_pretrained(str(tmp_path / "tok"))
+    run = tmp_path / "run"
+    runner.check_or_write_config(runner.resolve_run(cfg, str(run))[0], run)
+    ck.reference_path(run).mkdir(parents=True)
+    ck.write_json(ck.reference_path(run) / ck.META_FILE, {"hash": "0", "tokenizer": str(tmp_path / "tok")})
+    seen = []
+
+    def reference_for(cfg, run, reference, tokenizer):
+        seen.append(tokenizer)
+        raise _Stop
+
+    monkeypatch.setattr(runner, "reference_for", reference_for)
+    with pytest.raises(_Stop):
+        runner.unlearn(cfg, run)  # rerun with no --reference
+    assert seen[0].get_vocab() == recorded.get_vocab()
+
