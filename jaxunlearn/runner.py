@@ -172,22 +172,14 @@ def setup_from_meta(meta: dict, cfg: RunConfig, folder: pathlib.Path, mesh=None)
 
 
 def encode(tokenizer, cfg: RunConfig, rows: list) -> list[dict]:
-    """QA rows -> answer-scored examples; raw texts (MUSE) -> max_len chunks scored on every token."""
-    from jaxunlearn.data import encode_rows, prompt_format_for
+    """QA rows -> answer-scored examples; raw texts (MUSE) -> max_len chunks scored on every token
+    (data.encode_texts, the chunking the MUSE evaluation uses)."""
+    from jaxunlearn.data import encode_rows, encode_texts, prompt_format_for
 
     if rows and isinstance(rows[0], str):
         return encode_texts(tokenizer, rows, cfg.data.max_len)
     fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
     return encode_rows(tokenizer, fmt, rows, cfg.data.max_len)
-
-
-def encode_texts(tokenizer, texts: list[str], max_len: int) -> list[dict]:
-    """Each text tokenised (with the tokenizer's special tokens) and cut into max_len chunks."""
-    out = []
-    for text in texts:
-        ids = [int(i) for i in tokenizer(text)["input_ids"]]
-        out += [{"input_ids": ids[i : i + max_len], "labels": ids[i : i + max_len]} for i in range(0, len(ids), max_len)]
-    return [e for e in out if len(e["input_ids"]) > 1]
 
 
 # ----------------------------------------------------------------------------- run directory

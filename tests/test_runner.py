@@ -229,3 +229,11 @@ def test_rerun_without_reference_keeps_the_recorded_tokenizer(tmp_path, monkeypa
         runner.unlearn(cfg, run)  # rerun with no --reference
     assert seen[0].get_vocab() == recorded.get_vocab()
 
+
+def test_raw_texts_are_chunked_like_the_muse_evaluation():
+    from jaxunlearn.data import encode_texts, synthetic_tokenizer
+
+    cfg = runner.from_dict(TINY)
+    tok = synthetic_tokenizer(runner.load_benchmark(cfg.data))
+    texts = [" ".join(["the author wrote a novel about the sea"] * 20), "Short."]
+    assert runner.encode(tok, cfg, texts) == encode_texts(tok, texts, cfg.data.max_len)
