@@ -176,6 +176,14 @@ def test_tolerated_extras_and_folder_errors(saved_llama, tmp_path):
         load_hf(tmp_path / "inv_freq" / "..")
 
 
+def test_corrupt_safetensors_file_is_a_checkpoint_error(saved_llama, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(saved_llama, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_hf(bad)
+
+
 def test_bf16_checkpoint_loads_and_exports(saved_llama, tmp_path):
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(saved_llama, dtype=torch.bfloat16)
     torch_model.save_pretrained(tmp_path / "bf16")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxunlearn.models.config import ModelConfig
@@ -137,9 +137,17 @@ def checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         return files
     single = folder / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
+        with _open(single) as f:
             return {name: single for name in f.keys()}
     raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints load)")
+
+
+def _open(file: pathlib.Path):
+    """safe_open, with an unreadable file reported as a CheckpointError naming it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
 def _read(files: dict[str, pathlib.Path], names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -148,7 +156,7 @@ def _read(files: dict[str, pathlib.Path], names: list[str]) -> Iterator[tuple[st
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for file, wanted in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _open(file) as f:
             present = set(f.keys())
             for name in wanted:
                 if name not in present:
