@@ -242,6 +242,12 @@ def _validate(cfg, where: str) -> None:
             raise ConfigError(f"{where}.eta: must be in [0, 1], got {cfg.eta}")
         if cfg.momentum_every < 0:
             raise ConfigError(f"{where}.momentum_every: must be >= 0, got {cfg.momentum_every}")
+        if not cfg.beta > 0:  # the NPO losses divide by beta
+            raise ConfigError(f"{where}.beta: must be > 0, got {cfg.beta}")
+        if not cfg.alpha > 0:
+            raise ConfigError(f"{where}.alpha: must be > 0, got {cfg.alpha}")
+        if not cfg.alphas or not all(a > 0 for a in cfg.alphas):
+            raise ConfigError(f"{where}.alphas: must be a non-empty list of values > 0, got {list(cfg.alphas)}")
     if isinstance(cfg, CheckpointSpec):
         if cfg.keep < 1 or cfg.save_every < 1:
             raise ConfigError(f"{where}: keep and save_every must be >= 1")
