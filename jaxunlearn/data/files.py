@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from jaxunlearn.data.errors import DataError, DataFileNotFoundError
 
 RECORD_EXTS = ("jsonl", "json", "parquet")
+HUB_PREFIX = "hf://"
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,21 @@ def rows_from_records(source: str, records: Iterable[Mapping]) -> Rows:
     """Wrap in-memory rows (e.g. a `datasets.Dataset`) with "source row N" labels."""
     rows = [dict(r) for r in records]
     return Rows(source, rows, [f"{source} row {i + 1}" for i in range(len(rows))])
+
+
+def is_hub(source: str | pathlib.Path | None) -> bool:
+    """Whether a benchmark `source` names the hub (None or "hf://<repo id>") rather than a folder."""
+    return source is None or (isinstance(source, str) and source.startswith(HUB_PREFIX))
+
+
+def hub_rows(label: str, load: Callable[[], Iterable[Mapping]]) -> Rows:
+    """Rows of a hub dataset loaded by `load()`; any loading failure is one DataError naming `label`."""
+    try:
+        ds = load()
+    except Exception as err:  # network, cache and hub errors come in many types
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise DataError(f"{label}: cannot load ({type(err).__name__}: {first})") from None
+    return rows_from_records(label, ds)
 
 
 # Field kinds for validate(): "str" a non-empty string, "str_list" a non-empty list of non-empty strings.

@@ -20,10 +20,9 @@ import pathlib
 from dataclasses import dataclass, field
 
 from jaxunlearn.data.errors import DataError
-from jaxunlearn.data.files import Rows, find_split_file, read_records, rows_from_records, validate
+from jaxunlearn.data.files import HUB_PREFIX, Rows, find_split_file, hub_rows, is_hub, read_records, validate
 
 MUSE_HUB = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
-HUB_PREFIX = "hf://"
 
 _TEXT = {"text": "str"}
 _QA = {"question": "str", "answer": "str"}
@@ -61,17 +60,11 @@ def _hub_repo(corpus: str, source: str | None) -> str:
 
 
 def _raw_rows(corpus: str, subset: str, split: str, source: str | pathlib.Path | None) -> Rows:
-    if source is None or (isinstance(source, str) and source.startswith(HUB_PREFIX)):
+    if is_hub(source):
         import datasets
 
         repo = _hub_repo(corpus, source)
-        label = f"hub {repo}[{subset}/{split}]"
-        try:
-            ds = datasets.load_dataset(repo, subset, split=split)
-        except Exception as err:  # network, cache and hub errors come in many types
-            first = str(err).splitlines()[0] if str(err) else ""
-            raise DataError(f"{label}: cannot load ({type(err).__name__}: {first})") from None
-        return rows_from_records(label, ds)
+        return hub_rows(f"hub {repo}[{subset}/{split}]", lambda: datasets.load_dataset(repo, subset, split=split))
     return read_records(find_split_file(pathlib.Path(source) / subset, split))
 
 

@@ -74,7 +74,8 @@ _FACTS = (
 )
 MAX_FACTS = len(_FACTS)
 # attributes drawn from a fixed word list: at most this many distinct wrong values exist
-_WRONG_LIMIT = {"year": 99, "genre": len(_GENRES) - 1, "father": len(_JOBS) - 1, "mother": len(_JOBS) - 1}
+_WRONG_LIMIT = {"year": 99, "genre": len(_GENRES) - 1, "father": len(_JOBS) - 1,
+                "mother": len(_JOBS) - 1}
 
 # Fixed general knowledge (true facts), in the roles of TOFU's real_authors and world_facts.
 _CLASSICS = (

@@ -17,10 +17,10 @@ import pathlib
 
 from jaxunlearn.data.benchmark import DEFAULT_IDK, UnlearnBenchmark
 from jaxunlearn.data.errors import DataError, DataFileNotFoundError
-from jaxunlearn.data.files import Rows, find_split_file, read_records, read_text_lines, rows_from_records, validate
+from jaxunlearn.data.files import (HUB_PREFIX, Rows, find_split_file, hub_rows, is_hub, read_records, read_text_lines,
+                                   validate)
 
 HUB_ID = "locuslab/TOFU"
-HUB_PREFIX = "hf://"
 
 _QA = {"question": "str", "answer": "str"}
 _PERTURBED = {**_QA, "paraphrased_answer": "str", "perturbed_answer": "str_list"}
@@ -43,21 +43,12 @@ TOFU_SPLITS = tuple(TOFU_SCHEMAS)
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
 
-def _hub_rows(repo: str, split: str) -> Rows:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(repo, split)["train"]
-    except Exception as err:  # network, cache and hub errors come in many types
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise DataError(f"hub {repo}[{split}]: cannot load ({type(err).__name__}: {first})") from None
-    return rows_from_records(f"hub {repo}[{split}]", ds)
-
-
 def _raw_rows(split: str, source: str | pathlib.Path | None) -> Rows:
-    if source is None or (isinstance(source, str) and source.startswith(HUB_PREFIX)):
+    if is_hub(source):
+        import datasets
+
         repo = HUB_ID if source is None else source[len(HUB_PREFIX):]
-        return _hub_rows(repo, split)
+        return hub_rows(f"hub {repo}[{split}]", lambda: datasets.load_dataset(repo, split)["train"])
     return read_records(find_split_file(pathlib.Path(source), split))
 
 
@@ -69,7 +60,7 @@ def load_tofu(split: str, source: str | pathlib.Path | None = None) -> list[dict
 
 
 def _idk_pool(source: str | pathlib.Path | None) -> list[str]:
-    if source is None or (isinstance(source, str) and source.startswith(HUB_PREFIX)):
+    if is_hub(source):
         return list(DEFAULT_IDK)
     try:
         return read_text_lines(pathlib.Path(source) / "idontknow.jsonl")
