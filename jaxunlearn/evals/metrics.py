@@ -18,7 +18,6 @@ Conventions (and where they come from):
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -140,8 +139,3 @@ def cut_at(text: str, stops: Sequence[str]) -> str:
 
 # MUSE KnowMem cuts the answer at a blank line or a new question.
 KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
-
-
-def mean_or_none(values) -> float | None:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else None
