@@ -146,6 +146,14 @@ def test_report_table_and_plots(tofu_result, tmp_path):
     assert report.plot_training([], tmp_path / "none.png") is None
 
 
+def test_write_reports_names_only_what_it_wrote(tmp_path, capsys):
+    # a MUSE-only output folder has no TOFU table: the CLI must not claim to have written one
+    (tmp_path / "m.summary.json").write_text(json.dumps({"benchmark": "muse-news", "verbmem_forget": 0.5}))
+    cli.write_reports(tmp_path)
+    assert not (tmp_path / "results.md").exists()
+    assert "results.md" not in capsys.readouterr().out
+
+
 def _fake_run(tmp_path, model, n_entities):
     """A run directory with a reference and two forget models (no training: the layout is what matters)."""
     from jaxunlearn.config import RunConfig, to_dict

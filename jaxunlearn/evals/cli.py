@@ -197,7 +197,7 @@ def write_reports(out: pathlib.Path) -> None:
                   for label, s in tofu_rows if s.get("model_utility") is not None]
         if points:
             plot_tradeoff(points, out / "tradeoff.png")
-    print(f"wrote {out / 'results.md'}")
+        print(f"wrote {out / 'results.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:
