@@ -64,6 +64,17 @@ def test_malformed_json_line(tmp_path):
     assert "forget05.json line 2: malformed JSON" in _error(tmp_path, "forget05")
 
 
+def test_malformed_pretty_printed_json_names_the_bad_line(tmp_path):
+    # a .json array written with indent: the error is on line 5, not on line 1 (its "[")
+    text = json.dumps([GOOD, GOOD], indent=1).splitlines()
+    text[3] += ","  # a trailing comma closing the first object
+    _write(tmp_path, "forget01.json", text)
+    assert _error(tmp_path).startswith(f"{tmp_path / 'forget01.json'} line 5: malformed JSON")
+    # JSON Lines in a .json file: still the bad line
+    _write(tmp_path, "forget01.json", [json.dumps(GOOD), json.dumps(GOOD), "{oops"])
+    assert _error(tmp_path).startswith(f"{tmp_path / 'forget01.json'} line 3: malformed JSON")
+
+
 def test_non_utf8_bytes(tmp_path):
     _write(tmp_path, "forget01.jsonl", [json.dumps(GOOD).encode(), b'{"question": "caf\xe9?", "answer": "x"}'],
            binary=True)

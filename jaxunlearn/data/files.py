@@ -127,8 +127,11 @@ def read_records(path: str | pathlib.Path) -> Rows:
     if path.suffix == ".json":
         try:
             return _json_document(path, json.loads(text))
-        except json.JSONDecodeError:
-            pass  # not one document: try JSON Lines, which reports the bad line
+        except json.JSONDecodeError as err:
+            # "Extra data": a first value parsed and more follow, i.e. JSON Lines, which reports its bad
+            # line; any other error is inside the first value (e.g. an indented array): report it here
+            if err.msg != "Extra data":
+                raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     return _json_lines(path, text)
 
 
