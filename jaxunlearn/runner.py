@@ -255,6 +255,9 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     n_steps = plan.total_micro_steps
     save_every = cfg.checkpoint.save_every * cfg.train.grad_accum
     momentum_every = (cfg.mox.momentum_every or plan.steps_per_epoch) * cfg.train.grad_accum
+    if stage.momentum is not None and momentum_every > n_steps:  # else the "momentum model" is the reference
+        raise ValueError(f"mox.momentum_every: {momentum_every // cfg.train.grad_accum} optimiser steps between momentum "
+                         f"updates, but the run has only {plan.total_steps}; no momentum update would happen")
     base_key = jax.random.key(cfg.train.seed)
 
     mgr = ck.MemorizedCheckpoints(run, cfg.checkpoint.keep, cfg.checkpoint.async_save, subdir=stage.subdir)

@@ -237,3 +237,16 @@ def test_raw_texts_are_chunked_like_the_muse_evaluation():
     tok = synthetic_tokenizer(runner.load_benchmark(cfg.data))
     texts = [" ".join(["the author wrote a novel about the sea"] * 20), "Short."]
     assert runner.encode(tok, cfg, texts) == encode_texts(tok, texts, cfg.data.max_len)
+
+
+def test_momentum_that_would_never_update_is_refused_before_training(tmp_path, monkeypatch):
+    from jaxunlearn import train
+
+    def train_loop(*args, **kwargs):
+        raise _Stop("training started")
+
+    monkeypatch.setattr(train, "train_loop", train_loop)
+    cfg = runner.from_dict(dict(TINY, mox=dict(TINY["mox"], momentum_every=TOTAL_STEPS + 1)))
+    with pytest.raises(ValueError, match="momentum_every.*no momentum update"):
+        runner.unlearn(cfg, tmp_path / "run")
+    assert _steps(tmp_path / "run") == []
