@@ -242,3 +242,18 @@ def test_cli_on_hf_folder(tmp_path, capsys):
     per = json.loads((out / "hf.per_sample.json").read_text())
     assert len(per["retain"]) == len(bench.retain_perturbed)
     assert "| hf |" in (out / "results.md").read_text()
+
+
+def test_cli_hf_folder_tokenizer_larger_than_vocab_is_an_error(tmp_path, capsys):
+    # ids past the embedding would be clamped silently by the gather: refuse instead
+    from jaxunlearn.models import export_hf
+
+    bench = synthetic_benchmark(seed=0, n_entities=5)
+    tok = synthetic_tokenizer(bench)
+    folder = tmp_path / "hf"
+    export_hf(init_model(ModelConfig.preset("tiny-llama", vocab_size=len(tok) // 2), seed=2), folder)
+    tok.save_pretrained(folder)
+    rc = cli.main([str(folder), "--benchmark", "synthetic", "--synthetic-entities", "5", "--max-new-tokens", "2",
+                   "--max-len", "64", "--batch-size", "8", "--mesh-data", "1", "--no-mia", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "vocab_size" in err and len(err.strip().splitlines()) == 1

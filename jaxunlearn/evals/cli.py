@@ -110,6 +110,9 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = load_hf(folder)
+    if len(tok) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}; pass the model's own tokenizer (--tokenizer)")
     graphdef, params = split_params(model)
     fmt = data.prompt_format_for(tok, args.prompt_format)
     ev = Evaluator.create(graphdef, params, model.config, tok, fmt, mesh=make_mesh(data=args.mesh_data),
