@@ -481,9 +481,8 @@ def write_forget(
 ) -> pathlib.Path:
     """theta_ref + alpha * (theta_ref - theta_mem) saved as RUN/forget/alpha_A (mem_params kept intact)."""
     from jaxunlearn import extrapolate as ex
-    from jaxunlearn.train import copy_tree
 
-    forget = ex.extrapolate(ref_params, copy_tree(mem_params), alpha, rule)
+    forget = ex.extrapolate(ref_params, mem_params, alpha, rule, donate=False)
     return _write_forget_params(run, forget, alpha, source_step, None, overwrite, rule)
 
 
