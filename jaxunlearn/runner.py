@@ -151,7 +151,8 @@ def initial_params(cfg: RunConfig, tokenizer, mesh=None) -> tuple[ModelSetup, An
 
 def reference_meta(setup: ModelSetup, source: dict, tokenizer=None) -> dict:
     folder = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
-    folder = folder if folder and pathlib.Path(folder).is_dir() else None
+    # recorded absolute, so a rerun from another working directory finds it
+    folder = str(pathlib.Path(folder).absolute()) if folder and pathlib.Path(folder).is_dir() else None
     return {"model_config": setup.model_cfg.to_hf_dict(), "source": source, "tokenizer": folder}
 
 
