@@ -241,3 +241,26 @@ def test_load_places_params_on_given_shardings(saved_llama):
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     for x, y in zip(jax.tree.leaves(placed), jax.tree.leaves(plain)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_failed_export_leaves_the_existing_export_untouched(tmp_path, monkeypatch):
+    from jaxunlearn.models import hf as hf_module
+
+    torch_model = random_hf_model("llama2")
+    torch_model.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
+    out = tmp_path / "ours"
+    export_hf(model, out, max_shard_size="20KB")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    calls = []
+
+    def failing_save(*args, **kwargs):  # the second shard write fails (e.g. disk full)
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(hf_module, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, out, max_shard_size="20KB")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # same files, no temporary folder left

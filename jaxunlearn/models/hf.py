@@ -12,8 +12,11 @@ embedding matrix. Tokenizers live in the same folder: `transformers.AutoTokenize
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import shutil
+import tempfile
 from typing import Iterator
 
 import jax
@@ -269,6 +272,23 @@ def hf_state_dict(model_or_params, cfg: ModelConfig | None = None) -> dict[str, 
     return out
 
 
+def _write_export(folder: pathlib.Path, shards: list[dict], tensors: dict, config: dict) -> None:
+    """safetensors shard(s), the index when sharded, then config.json, into `folder`."""
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / fname), metadata=meta)
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+                 "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_hf(model: CausalLM, folder, max_shard_size="2GB", params=None) -> pathlib.Path:
     """Write config.json and safetensors weights (sharded with an index above max_shard_size).
 
@@ -290,21 +310,15 @@ def export_hf(model: CausalLM, folder, max_shard_size="2GB", params=None) -> pat
             size = 0
         shards[-1][name] = t
         size += t.nbytes
-    for stale in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
-        if stale.exists():
-            stale.unlink()
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE_FILE), metadata=meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / fname), metadata=meta)
-            weight_map.update({name: fname for name in shard})
-        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-                 "weight_map": weight_map}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = cfg.to_hf_dict(dtype=dtypes.pop())
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Write into a temporary folder inside `folder` first: a failure leaves an existing export untouched.
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=folder))
+    try:
+        _write_export(tmp, shards, tensors, cfg.to_hf_dict(dtype=dtypes.pop()))
+        for stale in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
+            if stale.exists():
+                stale.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
