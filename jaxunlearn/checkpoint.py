@@ -38,6 +38,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
+from jaxunlearn.config import read_yaml
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 REFERENCE_DIR = "reference"
@@ -153,10 +155,7 @@ def read_config(run: str | os.PathLike) -> dict:
     path = pathlib.Path(run) / CONFIG_FILE
     if not path.exists():
         raise RunNotFoundError(f"{path}: no config in run directory")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    data = read_yaml(path, CheckpointError)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a mapping at top level")
     return data

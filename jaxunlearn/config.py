@@ -316,6 +316,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
         raise ConfigError(f"after overrides {list(overrides)}: {e}") from None
 
 
+def read_yaml(path: pathlib.Path, error: type[Exception] = ConfigError) -> Any:
+    """Parse a YAML file; a syntax error raises `error` in one line naming the file and the YAML position."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
 def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML file (or start from defaults when `path` is None) and apply overrides."""
     if path is None:
@@ -324,11 +332,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | t
         p = pathlib.Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        cfg = from_dict(data, where=str(p))
+        cfg = from_dict(read_yaml(p), where=str(p))
     return apply_overrides(cfg, overrides)
 
 

@@ -67,6 +67,10 @@ def test_yaml_roundtrip_and_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
+    bad.write_text("train:\n  lr: [1e-5\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML .*line 2") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)  # one line, position kept (the CLI prints the first line only)
     # overrides apply on top of the file
     good = tmp_path / "good.yaml"
     good.write_text("train:\n  lr: 1.0e-5\n  epochs: 3\n")
