@@ -24,6 +24,7 @@ checkpoint files.
 from jaxunlearn.models.config import ModelConfig, ModelConfigError
 from jaxunlearn.models.decoder import (
     LOGICAL_AXES,
+    Apply,
     CausalLM,
     default_positions,
     init_cache,
@@ -39,6 +40,7 @@ from jaxunlearn.models.hf import CheckpointError, export_hf, hf_state_dict, load
 
 __all__ = [
     "LOGICAL_AXES",
+    "Apply",
     "CausalLM",
     "CheckpointError",
     "ModelConfig",

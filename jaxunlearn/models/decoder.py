@@ -364,21 +364,37 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
         """Logits [B, T, V] (float32) for a padded batch; see the module docstring for masks/positions."""
+        return self.logits_from_hidden(self.hidden(input_ids, attention_mask, positions))
+
+    def hidden(self, input_ids, attention_mask=None, positions=None, num_layers=None):
+        """Final-normed hidden states [B, T, D] (compute dtype), the input of `logits_from_hidden`.
+
+        With `num_layers=k` (0 <= k <= num_layers): the residual stream after the first k decoder
+        layers, before any final norm (what RMU steers)."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if positions is None:
             positions = default_positions(attention_mask)
         slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
-        logits, _ = self.forward(input_ids, positions, slots, attention_mask)
-        return logits
+        x, _ = self.forward_hidden(input_ids, positions, slots, attention_mask, num_layers=num_layers)
+        return x if num_layers is not None else self.norm(x)
 
     def forward(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None):
         """Shared body of full forward and cached decoding; returns (logits, new cache or None)."""
+        x, new_cache = self.forward_hidden(input_ids, positions, query_slots, kv_mask, cache, cache_index)
+        return self.logits_from_hidden(self.norm(x)), new_cache
+
+    def forward_hidden(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None,
+                       num_layers=None):
+        """Embedding and the first `num_layers` (default: all) decoder layers, no final norm;
+        returns (residual stream [B, T, D], new cache or None)."""
         cfg = self.config
         x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
         cos, sin = rope_tables(cfg, positions)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
+            if num_layers is not None and i >= num_layers:
+                break
             layer_cache = cache[i] if cache is not None else None
             if cfg.remat and cache is None:
                 x, _ = _remat_layer(layer, x, cos, sin, query_slots, kv_mask)
@@ -386,15 +402,18 @@ class CausalLM(nnx.Module):
                 x, layer_cache = layer(x, cos, sin, query_slots, kv_mask, layer_cache, cache_index)
             if cache is not None:
                 new_cache.append(layer_cache)
-        x = self.norm(x)
-        return self._logits(x), new_cache
+        return x, new_cache
+
+    def logits_from_hidden(self, x):
+        """Logits (float32) from final-normed hidden states of any leading shape [..., D]."""
+        return self._logits(x)
 
     def _logits(self, x):
         if self.lm_head.kernel is None:
             kernel = self.embed_tokens.embedding[...].astype(self.dtype).T
         else:
             kernel = self.lm_head.kernel[...].astype(self.dtype)
-        logits = jnp.einsum("bte,ev->btv", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...e,ev->...v", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         if self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return logits
@@ -445,13 +464,35 @@ def merge_params(graphdef, params) -> CausalLM:
     return nnx.merge(graphdef, params)
 
 
-def make_apply(graphdef) -> Callable:
-    """Pure `apply(params, input_ids, attention_mask=None, positions=None) -> logits [B, T, V]`."""
+class Apply:
+    """The pure model functions of one graphdef (what objectives and scoring receive as `apply`).
 
-    def apply(params, input_ids, attention_mask=None, positions=None):
-        return nnx.merge(graphdef, params)(input_ids, attention_mask, positions)
+    apply(params, input_ids, attention_mask=None, positions=None) -> logits [B, T, V] float32
+    apply.hidden(params, input_ids, attention_mask=None, positions=None, num_layers=None)
+        -> final-normed hidden states [B, T, D]; with num_layers=k the residual stream after k layers
+    apply.head(params, hidden) -> logits float32 for hidden states of any leading shape [..., D]
 
-    return apply
+    `apply(p, ids, m) == apply.head(p, apply.hidden(p, ids, m))`; losses over the vocabulary use
+    hidden + head to compute logits one sequence chunk at a time (objectives/common.per_token).
+    """
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def __call__(self, params, input_ids, attention_mask=None, positions=None):
+        return nnx.merge(self.graphdef, params)(input_ids, attention_mask, positions)
+
+    def hidden(self, params, input_ids, attention_mask=None, positions=None, num_layers=None):
+        return nnx.merge(self.graphdef, params).hidden(input_ids, attention_mask, positions, num_layers)
+
+    def head(self, params, hidden):
+        return nnx.merge(self.graphdef, params).logits_from_hidden(hidden)
+
+
+def make_apply(graphdef) -> Apply:
+    """Pure `apply(params, input_ids, attention_mask=None, positions=None) -> logits [B, T, V]`,
+    with `.hidden` and `.head` (see Apply)."""
+    return Apply(graphdef)
 
 
 def param_logical_axes(model_or_params) -> Any:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxunlearn import ops
-from jaxunlearn.objectives.common import log_ratio_to_ref, logits_of, masked_mean, mean_nll, require
+from jaxunlearn.objectives.common import batch_nll, log_ratio_to_ref, masked_mean, require, sequence_sums, token_logps
 from jaxunlearn.objectives.registry import register
 
 
 def _forget_nll(params, batch, apply, name):
     forget = require(batch, "forget", name)
-    return mean_nll(logits_of(apply, params, forget), forget["labels"])
+    return batch_nll(apply, params, forget)
 
 
 def _retain_term(params, batch, apply, name, retain_weight):
@@ -31,7 +30,7 @@ def _retain_term(params, batch, apply, name, retain_weight):
         zero = jnp.zeros((), jnp.float32)
         return zero, zero
     retain = require(batch, "retain", name)
-    nll = mean_nll(logits_of(apply, params, retain), retain["labels"])
+    nll = batch_nll(apply, params, retain)
     return retain_weight * nll, nll
 
 
@@ -71,8 +70,8 @@ def npo(beta: float = 0.1, retain_weight: float = 1.0):
 def simnpo(beta: float = 4.5, delta: float = 0.0, retain_weight: float = 1.0):
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "simnpo")
-        per_sample = ops.mean_sequence_nll(logits_of(apply, params, forget), forget["labels"])
-        valid = (forget["labels"][:, 1:] != ops.IGNORE).any(-1)
+        total, count = sequence_sums(*token_logps(apply, params, forget))
+        per_sample, valid = -total / jnp.maximum(count, 1.0), count > 0
         simnpo_loss = -(2.0 / beta) * masked_mean(jax.nn.log_sigmoid(beta * (per_sample - delta)), valid)
         weighted, retain_nll = _retain_term(params, batch, apply, "simnpo", retain_weight)
         return simnpo_loss + weighted, {"forget_simnpo": simnpo_loss, "forget_nll": masked_mean(per_sample, valid),

@@ -1,10 +1,17 @@
-"""Loss pieces shared by the objectives, built on jaxunlearn.ops.
+"""Loss pieces shared by the objectives.
+
+Every quantity over the vocabulary is computed per token through `per_token`, the one place that
+turns a batch into logits: objectives never hold a [B, T, V] tensor themselves, so the memory
+of a step is decided here (see `per_token`).
 
 Conventions (chosen once, used by every objective):
-- NLL of a batch = mean over samples of the per-sample length-normalised NLL of the scored
-  (answer) tokens, the quantity TOFU's probability and truth-ratio metrics are built on.
-  Samples with no scored token are left out of the mean.
-- Sequence log-probability (NPO) = sum of the answer-token log-probs of a sample.
+- Token log-probs are those of the scored (answer) label tokens, shifted like the labels
+  (position t predicts labels[t+1]); `token_logps` returns them with their mask, [B, T-1].
+- Batch NLL, `reduction="sample"` (MOX's choice, and TOFU's probability/truth-ratio quantity):
+  mean over samples of the per-sample length-normalised NLL; samples with no scored token are
+  left out. `reduction="token"` (open-unlearning's and HF's training loss): sum of token NLLs
+  over the number of scored tokens in the batch.
+- Sequence log-probability (NPO, DPO) = sum of the answer-token log-probs of a sample.
 - KL(p_ref || p_theta) on retain data is computed at every position t whose next token
   (t+1) is a real token by the attention mask, i.e. shifted like the labels; it covers
   prompt and answer positions and excludes padding. It is averaged over all such positions
@@ -13,20 +20,70 @@ Conventions (chosen once, used by every objective):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from jaxunlearn import ops
 
-
-def logits_of(apply, params, batch) -> jax.Array:
-    """Run the model on one batch dict (input_ids, attention_mask)."""
-    return apply(params, batch["input_ids"], batch["attention_mask"])
+# fn(logits [B, C, V] f32, ref_logits [B, C, V] f32 or None, targets [B, C] int, mask [B, C] f32) -> [B, C]
+TokenFn = Callable[[jax.Array, "jax.Array | None", jax.Array, jax.Array], jax.Array]
 
 
-def ref_logits_of(apply, ref_params, batch) -> jax.Array:
-    """Reference-model logits, never differentiated."""
-    return jax.lax.stop_gradient(apply(ref_params, batch["input_ids"], batch["attention_mask"]))
+def per_token(apply, params, data, fn: TokenFn, ref_params=None) -> jax.Array:
+    """Values [B, T-1] of `fn` at every next-token position of one batch dict.
+
+    fn receives float32 logits at positions 0..T-2 (`ref_logits` the frozen reference's, under
+    stop_gradient, when ref_params is given, else None), the next-token targets (labels[:, 1:],
+    IGNORE replaced by 0) and the float mask of scored targets; it returns one value per position.
+    """
+    logits = apply(params, data["input_ids"], data["attention_mask"])
+    ref_logits = None
+    if ref_params is not None:
+        ref_logits = jax.lax.stop_gradient(apply(ref_params, data["input_ids"], data["attention_mask"]))
+        ref_logits = ref_logits[:, :-1].astype(jnp.float32)
+    logits, targets, mask = ops.shift_labels(logits, data["labels"])
+    return fn(logits.astype(jnp.float32), ref_logits, targets, mask)
+
+
+def label_logp(logits: jax.Array, ref_logits, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """TokenFn: log p(target) under `logits`, 0 where the target is not scored."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return (picked - logz) * mask
+
+
+def kl_to_model(logits: jax.Array, ref_logits: jax.Array, targets, mask) -> jax.Array:
+    """TokenFn: KL(p_ref || p_theta) at each position (every position; masking is the caller's)."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    logq = jax.nn.log_softmax(ref_logits, axis=-1)
+    return (jnp.exp(logq) * (logq - logp)).sum(-1)
+
+
+def label_mask(data) -> jax.Array:
+    """[B, T-1] float mask of scored next-token targets."""
+    return (data["labels"][:, 1:] != ops.IGNORE).astype(jnp.float32)
+
+
+def next_real_mask(data) -> jax.Array:
+    """[B, T-1] float mask of positions whose next token is real (the KL positions)."""
+    return (data["attention_mask"][:, 1:] > 0).astype(jnp.float32)
+
+
+def token_logps(apply, params, data) -> tuple[jax.Array, jax.Array]:
+    """(log p(label) [B, T-1], scored mask [B, T-1]) of the model `params`."""
+    return per_token(apply, params, data, label_logp), label_mask(data)
+
+
+def ref_token_logps(apply, ref_params, data) -> tuple[jax.Array, jax.Array]:
+    """token_logps of the frozen reference, never differentiated."""
+    return jax.lax.stop_gradient(per_token(apply, ref_params, data, label_logp)), label_mask(data)
+
+
+def token_kl(apply, params, ref_params, data) -> tuple[jax.Array, jax.Array]:
+    """(KL(p_ref || p_theta) [B, T-1], mask of positions whose next token is real)."""
+    return per_token(apply, params, data, kl_to_model, ref_params=ref_params), next_real_mask(data)
 
 
 def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -35,38 +92,56 @@ def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return (values * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def mean_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Batch NLL: mean over samples (with >= 1 scored token) of per-sample mean token NLL."""
-    total, count = ops.sequence_nll(logits, labels)
-    per_sample = total / jnp.maximum(count, 1.0)
-    return masked_mean(per_sample, count > 0)
+def sequence_sums(logp: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-sample summed log-prob [B] and number of scored tokens [B]."""
+    return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def token_mean_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Batch NLL averaged over all scored tokens (the usual language-model training loss)."""
-    total, count = ops.sequence_nll(logits, labels)
-    return total.sum() / jnp.maximum(count.sum(), 1.0)
+def nll_from_logps(logp: jax.Array, mask: jax.Array, reduction: str = "sample") -> jax.Array:
+    """Batch NLL from token log-probs: reduction "sample" (mean of per-sample means) or "token"."""
+    total, count = sequence_sums(logp, mask)
+    if reduction == "sample":
+        return masked_mean(-total / jnp.maximum(count, 1.0), count > 0)
+    if reduction == "token":
+        return -total.sum() / jnp.maximum(count.sum(), 1.0)
+    raise ValueError(f"nll reduction: expected 'sample' or 'token', got {reduction!r}")
 
 
-def sequence_logprob(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def batch_nll(apply, params, data, reduction: str = "sample") -> jax.Array:
+    """Batch NLL of the scored tokens of `data` (see the module docstring for the reductions)."""
+    return nll_from_logps(*token_logps(apply, params, data), reduction)
+
+
+def sequence_logprob(apply, params, data) -> tuple[jax.Array, jax.Array]:
     """Per-sample summed answer log-prob [B] and a [B] mask of samples with scored tokens."""
-    total, count = ops.sequence_nll(logits, labels)
-    return -total, count > 0
+    total, count = sequence_sums(*token_logps(apply, params, data))
+    return total, count > 0
 
 
 def log_ratio_to_ref(params, ref_params, batch, apply) -> tuple[jax.Array, jax.Array]:
     """Per-sample logp_theta(y|x) - logp_ref(y|x) (summed answer log-probs) [B] and the valid-sample mask [B]."""
-    logp, valid = sequence_logprob(logits_of(apply, params, batch), batch["labels"])
-    ref_logp, _ = sequence_logprob(ref_logits_of(apply, ref_params, batch), batch["labels"])
+    logp, valid = sequence_logprob(apply, params, batch)
+    ref_logp, _ = sequence_sums(*ref_token_logps(apply, ref_params, batch))
     return logp - ref_logp, valid
 
 
-def kl_ref_to_model(logits: jax.Array, ref_logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
+def retain_kl(apply, params, ref_params, data) -> jax.Array:
     """Mean per-position KL(p_ref || p_theta) over positions whose next token is real."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    logq = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), axis=-1)
-    kl = (jnp.exp(logq) * (logq - logp)).sum(-1)
-    return masked_mean(kl, attention_mask[:, 1:] > 0)
+    return masked_mean(*token_kl(apply, params, ref_params, data))
+
+
+# ------------------------------------------------------------------ logits-level helpers (tests, evaluation)
+
+
+def logits_of(apply, params, batch) -> jax.Array:
+    """Run the model on one batch dict (input_ids, attention_mask): full [B, T, V] logits."""
+    return apply(params, batch["input_ids"], batch["attention_mask"])
+
+
+def mean_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Batch NLL from full logits: mean over samples (with >= 1 scored token) of per-sample mean token NLL."""
+    total, count = ops.sequence_nll(logits, labels)
+    return masked_mean(total / jnp.maximum(count, 1.0), count > 0)
 
 
 class MissingBatchKeyError(ValueError):

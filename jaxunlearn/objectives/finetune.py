@@ -7,7 +7,7 @@ of the batch, the usual causal-LM fine-tuning loss.
 
 from __future__ import annotations
 
-from jaxunlearn.objectives.common import MissingBatchKeyError, logits_of, token_mean_nll
+from jaxunlearn.objectives.common import MissingBatchKeyError, batch_nll
 from jaxunlearn.objectives.registry import register
 
 
@@ -20,7 +20,7 @@ def finetune():
             data = batch["retain"]
         else:
             raise MissingBatchKeyError(f"objective 'finetune' needs batch['train'] or batch['retain']; batch has keys {sorted(batch)}")
-        nll = token_mean_nll(logits_of(apply, params, data), data["labels"])
+        nll = batch_nll(apply, params, data, "token")
         return nll, {"nll": nll}
 
     return objective

@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import jax
 
-from jaxunlearn.objectives.common import (
-    kl_ref_to_model,
-    log_ratio_to_ref,
-    logits_of,
-    masked_mean,
-    mean_nll,
-    ref_logits_of,
-    require,
-)
+from jaxunlearn.objectives import common
+from jaxunlearn.objectives.common import batch_nll, log_ratio_to_ref, masked_mean, require
 from jaxunlearn.objectives.registry import register
 
 
 def retain_kl(params, ref_params, batch, apply, name: str) -> jax.Array:
     """KL(p_ref || p_theta) over the retain batch."""
-    retain = require(batch, "retain", name)
-    return kl_ref_to_model(logits_of(apply, params, retain), ref_logits_of(apply, ref_params, retain), retain["attention_mask"])
+    return common.retain_kl(apply, params, ref_params, require(batch, "retain", name))
 
 
 @register("mox")
@@ -37,7 +29,7 @@ def mox(retain_weight: float = 1.0):
 
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox")
-        nll = mean_nll(logits_of(apply, params, forget), forget["labels"])
+        nll = batch_nll(apply, params, forget)
         kl = retain_kl(params, ref_params, batch, apply, "mox")
         loss = nll + retain_weight * kl
         return loss, {"forget_nll": nll, "retain_kl": kl}
@@ -67,8 +59,8 @@ def mox_targeted(retain_weight: float = 1.0, target_weight: float = 1.0):
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox_targeted")
         target = require(batch, "target", "mox_targeted")
-        nll = mean_nll(logits_of(apply, params, forget), forget["labels"])
-        target_nll = mean_nll(logits_of(apply, params, target), target["labels"])
+        nll = batch_nll(apply, params, forget)
+        target_nll = batch_nll(apply, params, target)
         kl = retain_kl(params, ref_params, batch, apply, "mox_targeted")
         loss = nll - target_weight * target_nll + retain_weight * kl
         return loss, {"forget_nll": nll, "target_nll": target_nll, "retain_kl": kl}
