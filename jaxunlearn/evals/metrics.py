@@ -1,7 +1,7 @@
 """TOFU and MUSE metric formulas on per-sample numbers (pure numpy, no model).
 
-Definitions follow /work/shared/design/metrics.md. Inputs are per-sample *mean* NLLs over the
-scored answer tokens (what the scorer in `jaxunlearn.evals.scoring` returns), so a probability is
+Definitions follow ../shared/design/metrics.md (relative to the repository root). Inputs are
+per-sample *mean* NLLs over the scored answer tokens (what the scorer in `jaxunlearn.evals.scoring` returns), so a probability is
 length-normalised: P(a|q) = exp(-mean NLL).
 
 Conventions (and where they come from):
