@@ -79,7 +79,8 @@ def test_knowmem_prompt_and_text_chunks(tmp_path):
     from jaxunlearn.data import synthetic_tokenizer
 
     icl = [{"question": "Q1?", "answer": "A1."}, {"question": "Q2?", "answer": "A2."}]
-    assert knowmem_prompt(icl, "Q3?") == "Question: Q1?\nAnswer: A1.\n\nQuestion: Q2?\nAnswer: A2.\n\nQuestion: Q3?\nAnswer:"
+    # MUSE metrics/knowmem.py: the prompt ends "Answer: " with a space
+    assert knowmem_prompt(icl, "Q3?") == "Question: Q1?\nAnswer: A1.\n\nQuestion: Q2?\nAnswer: A2.\n\nQuestion: Q3?\nAnswer: "
     tok = synthetic_tokenizer(0, cache=tmp_path)
     text = " ".join(["The silver river runs north."] * 12)
     chunks = encode_texts(tok, [text, "Short."], max_len=16)
@@ -90,3 +91,19 @@ def test_knowmem_prompt_and_text_chunks(tmp_path):
     for c in chunks:
         assert c["input_ids"][0] == tok.bos_token_id and len(c["input_ids"]) <= 16
         assert c["labels"] == [IGNORE] + c["input_ids"][1:]
+
+
+def test_text_prefix_as_open_unlearning_mia(tmp_path):
+    # open-unlearning CompletionDataset (MUSE_MIA, max_length 2048): tokenizer(text) with BOS, first
+    # max_length text ids, no EOS, index 0 unlabelled
+    from jaxunlearn.data import synthetic_tokenizer
+    from jaxunlearn.data.prompts import encode_text_prefix
+
+    tok = synthetic_tokenizer(0, cache=tmp_path)
+    text = " ".join(["The silver river runs north."] * 12)
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    ex = encode_text_prefix(tok, text, max_tokens=20)
+    assert ex["input_ids"] == [tok.bos_token_id] + body[:20]
+    assert ex["labels"] == [IGNORE] + body[:20]
+    short = encode_text_prefix(tok, "Short.", max_tokens=20)
+    assert tok.eos_token_id not in short["input_ids"] and len(short["input_ids"]) < 20

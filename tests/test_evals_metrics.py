@@ -110,10 +110,57 @@ def test_roc_auc_matches_pair_count_with_ties():
 
 
 def test_mia_auc_orientation_and_priv_leak():
-    # memorised forget set: low loss on forget, high on holdout -> AUC 1
+    # memorised forget set: low loss on forget, high on holdout -> open-unlearning AUC 1, MUSE AUC 0
     assert mia.mia_auc([0.1, 0.2], [1.0, 2.0]) == 1.0
+    assert mia.privleak_auc([0.1, 0.2], [1.0, 2.0]) == 0.0
     assert mia.priv_leak(0.75, 0.5) == pytest.approx(50.0)
     assert mia.priv_leak(0.25, 0.5) == pytest.approx(-50.0)
+
+
+def test_privleak_auc_is_muses_roc_auc():
+    # MUSE metrics/privleak.py: roc_curve(y, -score), forget labelled 0, holdout 1 -> AUC of the negated scores
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        f = rng.integers(0, 5, size=rng.integers(1, 9)).astype(float)
+        h = rng.integers(0, 5, size=rng.integers(1, 9)).astype(float)
+        assert mia.privleak_auc(f, h) == pytest.approx(_brute_auc(-f, -h))
+        # open-unlearning's privleak handler: 1 - its roc_auc_score(labels, scores)
+        assert mia.privleak_auc(f, h) == pytest.approx(1.0 - _brute_auc(f, h))
+
+
+def test_priv_leak_by_hand():
+    # Min-K scores forget [1, 3], holdout [2, 4]: of the 4 (holdout, forget) pairs only (2, 3) has
+    # holdout < forget -> MUSE AUC 1/4; against a retrained AUC of 1/2: (0.25 - 0.5) / 0.5 * 100 = -50
+    auc = mia.privleak_auc([1.0, 3.0], [2.0, 4.0])
+    assert auc == pytest.approx(0.25)
+    assert mia.priv_leak(auc, 0.5) == pytest.approx(-50.0)
+    # open-unlearning: score = 1 - 0.75, ref = 1 - 0.5 -> the same
+    assert ((1 - 0.75) - (1 - 0.5)) / (1 - 0.5) * 100 == pytest.approx(-50.0)
+
+
+def test_priv_leak_of_a_model_that_unlearned_nothing_is_near_minus_100():
+    # forget texts memorised (Min-K loss far below every holdout text's): MUSE AUC 0 -> PrivLeak -100
+    # against MUSE's published retrained AUCs, as MUSE reports its original (target) models
+    rng = np.random.default_rng(0)
+    forget, holdout = rng.uniform(0.1, 0.5, 50), rng.uniform(2.0, 4.0, 50)
+    auc = mia.privleak_auc(forget, holdout)
+    for corpus in ("news", "books"):
+        assert mia.priv_leak(auc, mia.MUSE_RETRAIN_AUC[corpus]) == pytest.approx(-100.0)
+    # a retrained-like model (forget and holdout alike) scores near 0
+    same = mia.privleak_auc(rng.uniform(1, 3, 400), rng.uniform(1, 3, 400))
+    assert abs(mia.priv_leak(same, 0.5)) < 10
+
+
+def test_min_k_and_memorisation_leave_out_the_last_label():
+    # open-unlearning drops the last labelled position (EOS for a QA answer) before Min-K%, Min-K%++, EM, ES
+    logp = np.log(np.array([0.5, 0.25, 0.125, 1.0, 0.5, 0.01]))  # last = EOS, the lowest
+    # 5 tokens left, int(5 * 0.4) = 2 lowest: log .125, log .25 (the EOS's log .01 is not among them)
+    assert mia.min_k_score(mia.without_last(logp)) == pytest.approx(-(math.log(0.125) + math.log(0.25)) / 2)
+    z = np.array([1.0, -2.0, 0.5, -1.0, 3.0, -9.0])
+    assert mia.min_k_pp_score(mia.without_last(z)) == pytest.approx(1.5)
+    match = np.array([1, 0, 1, 1, 0])  # answer [1, 0, 1, 1], EOS wrong
+    assert mia.exact_memorisation(mia.without_last(match)) == pytest.approx(0.75)
+    assert mia.extraction_strength(mia.without_last(match)) == pytest.approx(0.5)
 
 
 def test_memorisation_by_hand():

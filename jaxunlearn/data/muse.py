@@ -101,6 +101,9 @@ def muse_benchmark(corpus: str = "news", source: str | pathlib.Path | None = Non
 
 
 def knowmem_prompt(icl: list[dict], question: str) -> str:
-    """Few-shot KnowMem prompt: "Question: ...\\nAnswer: ...\\n\\n" per example, then the question."""
+    """Few-shot KnowMem prompt exactly as MUSE's metrics/knowmem.py (and open-unlearning's Llama-2 base
+    template) builds it: "Question: {q}\\nAnswer: {a}\\n\\n" per example, then
+    "Question: {question}\\nAnswer: " ending in a space (MUSE's models were trained on raw text,
+    not on our QA format, so MUSE's prompt is the right one here)."""
     shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in icl)
-    return f"{shots}Question: {question}\nAnswer:"
+    return f"{shots}Question: {question}\nAnswer: "

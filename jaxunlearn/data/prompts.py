@@ -182,6 +182,19 @@ def target_rows(questions_from: Sequence[Mapping], answers: Sequence[str], seed:
     return [{"question": row["question"], "answer": answers[int(k)]} for row, k in zip(questions_from, picks)]
 
 
+def encode_text_prefix(tokenizer: Any, text: str, max_tokens: int) -> dict[str, list[int]]:
+    """One raw text as open-unlearning's CompletionDataset encodes it (MUSE PrivLeak / MIA data).
+
+    BOS when the tokenizer adds one, then the text's first max_tokens ids, no EOS; every position
+    but the first is labelled (open-unlearning never labels index 0).
+    """
+    if max_tokens < 1:
+        raise DataError(f"max_tokens={max_tokens} must be >= 1")
+    head = [int(tokenizer.bos_token_id)] if tokenizer_adds_bos(tokenizer) else []
+    ids = head + _ids(tokenizer, text)[:max_tokens]
+    return {"input_ids": ids, "labels": [IGNORE] + ids[1:]}
+
+
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int, add_bos: bool | None = None) -> list[dict]:
     """Raw documents (MUSE forget/retain text) -> examples of at most max_len tokens, every token scored.
 

@@ -108,15 +108,20 @@ class Evaluator:
         """Scores of (question, answer) pairs, answer tokens (and EOS) only."""
         return self.score_examples([self.encode_qa(q, a) for q, a in pairs])
 
-    def score_texts(self, texts: Sequence[str]) -> list[SampleScore]:
-        """Scores of raw texts, every token scored (one example per text, cut at max_len)."""
-        from jaxunlearn.data import encode_texts
+    def score_texts(self, texts: Sequence[str], max_tokens: int) -> list[SampleScore]:
+        """Scores of raw texts, every token after the first scored, each cut to its first max_tokens
+        tokens (`jaxunlearn.data.encode_text_prefix`); one extra bucket when they exceed the largest."""
+        from jaxunlearn.data.prompts import encode_text_prefix
 
-        out = []
-        for t in texts:
-            chunks = encode_texts(self.tokenizer, [t], self.max_len)
-            out.append(chunks[0])
-        return self.score_examples(out)
+        examples = [encode_text_prefix(self.tokenizer, t, max_tokens) for t in texts]
+        if not examples:
+            return []
+        longest = max(len(e["input_ids"]) for e in examples)
+        buckets = tuple(self.buckets)
+        if longest > max(buckets):
+            buckets += (max_tokens + 1,)
+        return score_examples(self._score_fn(), self.params, examples, self.batch_size, self.pad_id,
+                              buckets, self.batch_sharding)
 
     # ------------------------------------------------------------------ generation
     def _gen_fn(self, max_new_tokens: int) -> Callable:

@@ -4,17 +4,29 @@ Per-sample inputs are 1-D arrays over the sample's scored (answer) tokens only: 
 teacher-forced log-probability of each label token, `z` the Min-K%++ standardised log-prob
 (log p(x_t) - mu_t) / sigma_t, `match` whether the teacher-forced argmax equals the label.
 
+Which tokens (open-unlearning, src/evals/metrics/utils.py `tokenwise_logprobs`): Min-K%, Min-K%++,
+exact memorisation and extraction strength drop the LAST labelled position of each sample
+(`without_last`), whatever token it is: the EOS that ends a QA answer, or the last text token of a
+MUSE PrivLeak text (which carries no EOS there). LOSS and ZLib use every labelled token, EOS
+included (`evaluate_probability`).
+
 Every MIA score here is "loss-like": a higher score means the sample looks LESS like a training
 member. This is the convention of open-unlearning's attacks (LOSS, ZLib, Min-K%, Min-K%++), where
 the score is fed to roc_auc_score with forget samples labelled 0 and holdout samples labelled 1.
 
-AUC convention (`mia_auc`): AUC = P(score(holdout) > score(forget)) + 1/2 P(tie). 1.0 means the
-forget set is perfectly separable as members (memorised); a retrained model sits near 0.5.
+Two AUC conventions:
+- `mia_auc` (open-unlearning's MIA metrics, our TOFU `mia` block): AUC = P(score(holdout) >
+  score(forget)) + 1/2 P(tie). 1.0 = the forget set is perfectly recognised as members (memorised).
+- `privleak_auc` (MUSE, metrics/privleak.py: roc_curve(labels, -score) with holdout labelled 1;
+  open-unlearning's privleak handler converts with 1 - AUC): AUC = 1 - mia_auc. A model that
+  memorised the forget set scores near 0; a retrained model near 0.5 (MUSE publishes 0.4772 for
+  News and 0.5393 for Books, `MUSE_RETRAIN_AUC`).
 
-PrivLeak = (AUC_unlearned - AUC_retrained) / AUC_retrained * 100 with Min-K% (k = 0.4) scores.
-Sign: positive = the unlearned model still treats the forget set more like members than the
-retrained model does (under-unlearning); negative = it treats them less like members than a model
-that never saw them (over-unlearning). 0 is ideal.
+PrivLeak (`priv_leak`) = (AUC_unlearned - AUC_retrained) / AUC_retrained * 100 on privleak_auc with
+Min-K% (k = 0.4) scores, as MUSE's eval.py and open-unlearning compute it. Sign: negative = the
+model still treats the forget set as members (under-unlearning; about -100 for a model that
+unlearned nothing), positive = it treats them as less member-like than a retrained model does
+(over-unlearning); 0 is ideal.
 """
 
 from __future__ import annotations
@@ -25,12 +37,21 @@ import numpy as np
 
 MIN_K_FRACTION = 0.4
 
+# MUSE's retrained models' Min-40% forget-vs-holdout AUC (privleak_auc convention): muse_bench
+# constants.py AUC_RETRAIN[corpus]["forget_holdout_Min-40%"], rounded to the 4 digits MUSE measured.
+MUSE_RETRAIN_AUC = {"news": 0.4772, "books": 0.5393}
+
 
 def _tokens(x, name: str) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name}: expected a non-empty 1-D array of per-token values, got shape {arr.shape}")
     return arr
+
+
+def without_last(values) -> np.ndarray:
+    """Per-token values without the sample's last labelled token (open-unlearning's `[:-1]`)."""
+    return np.asarray(values)[:-1]
 
 
 def loss_score(logp) -> float:
@@ -84,12 +105,17 @@ def roc_auc(negatives, positives) -> float:
 
 
 def mia_auc(forget_scores, holdout_scores) -> float:
-    """AUC of a loss-like MIA score with holdout (non-trained) as the positive class."""
+    """open-unlearning's AUC of a loss-like MIA score, holdout (non-trained) the positive class."""
     return roc_auc(forget_scores, holdout_scores)
 
 
+def privleak_auc(forget_scores, holdout_scores) -> float:
+    """MUSE's AUC: P(score(holdout) < score(forget)) + 1/2 P(tie) = 1 - mia_auc (see module docstring)."""
+    return 1.0 - mia_auc(forget_scores, holdout_scores)
+
+
 def priv_leak(auc_unlearned: float, auc_retrained: float) -> float:
-    """MUSE PrivLeak in percent: (AUC_unlearned - AUC_retrained) / AUC_retrained * 100."""
+    """MUSE PrivLeak in percent: (AUC_unlearned - AUC_retrained) / AUC_retrained * 100, privleak_auc AUCs."""
     if not auc_retrained > 0:
         raise ValueError(f"priv_leak: retrained-model AUC must be > 0, got {auc_retrained}")
     return float((auc_unlearned - auc_retrained) / auc_retrained * 100.0)
