@@ -98,6 +98,41 @@ def test_forget_quality_from_saved_retain_values(tofu_result, ev, bench, tmp_pat
         load_forget_ratios(bad)
 
 
+def test_retain_results_from_another_benchmark_are_refused(tofu_result, bench, tmp_path):
+    from jaxunlearn.evals.tofu import benchmark_identity
+
+    _, per_sample = tofu_result
+    ident = benchmark_identity(bench)
+    assert per_sample["benchmark_identity"] == tofu_result[0]["benchmark_identity"] == ident
+    assert ident["name"] == bench.name and ident["rows"]["forget_perturbed"] == len(bench.forget_perturbed)
+    same = tmp_path / "same.per_sample.json"
+    same.write_text(json.dumps(per_sample))
+    assert len(load_forget_ratios(same, ident)) == len(bench.forget_perturbed)
+    other_bench = synthetic_benchmark(seed=1, n_entities=5, n_forget=1, facts_per_entity=3, n_perturbed=3)
+    other = benchmark_identity(other_bench)
+    assert other != ident  # same shape, other seed: other rows
+    with pytest.raises(ValueError) as e:
+        load_forget_ratios(same, other)
+    msg = str(e.value)
+    assert "\n" not in msg and ident["name"] in msg and other["name"] in msg
+    old = tmp_path / "old.per_sample.json"
+    old.write_text(json.dumps({k: v for k, v in per_sample.items() if k != "benchmark_identity"}))
+    with pytest.raises(ValueError, match="no benchmark identity"):
+        load_forget_ratios(old, ident)
+
+
+def test_reports_order_forget_models_by_alpha_numerically(tmp_path):
+    base = {"forget": {"rouge": 0.5}, "forget_quality": 0.1, "model_utility": 0.5}
+    for label, alpha in (("alpha_2.0", 2.0), ("alpha_16.0", 16.0), ("reference", None), ("alpha_4.0", 4.0),
+                         ("alpha_0.5", 0.5)):
+        run = {"method": "mox", **({"alpha": alpha} if alpha is not None else {})}
+        (tmp_path / f"{label}.summary.json").write_text(json.dumps({**base, "run": run}))
+    cli.write_reports(tmp_path)
+    labels = [line.split(" | ")[0][2:] for line in (tmp_path / "results.md").read_text().splitlines()[2:]]
+    assert labels == ["reference", "alpha_0.5", "alpha_2.0", "alpha_4.0", "alpha_16.0"]
+    assert report.sort_key("alpha_16.0_eta_0.9", {}) > report.sort_key("alpha_2.0_eta_0.9", {})
+
+
 def test_tofu_eight_devices_equal_one(tofu_result, model, tok, bench):
     assert len(jax.devices()) == 8
     graphdef, params = split_params(model)
@@ -125,9 +160,73 @@ def test_muse_pipeline(ev, bench):
     assert s["sizes"] == {"verbmem_forget": 2, "knowmem_forget": 3, "knowmem_retain": 2,
                           "privleak_forget": 3, "privleak_holdout": 3}
     assert 0.0 <= s["verbmem_forget"] <= 1.0 and 0.0 <= s["knowmem_forget"] <= 1.0
-    assert s["priv_leak"] == pytest.approx((s["min_k_auc"] - 0.5) / 0.5 * 100)
+    assert s["privleak_auc"] == pytest.approx(1.0 - s["min_k_auc"])
+    assert s["priv_leak"] == pytest.approx((s["privleak_auc"] - 0.5) / 0.5 * 100)
+    assert s["retrain_auc_source"] == "--retrain-auc"
     assert all("\n\n" not in x["output"] and "Question" not in x["output"] for x in per["knowmem_forget"])
     assert evaluate_muse(ev, mb, verbmem_tokens=N_NEW, knowmem_tokens=N_NEW)[0]["priv_leak"] is None
+
+
+class _FakeScorer:
+    """Stands in for an Evaluator: forget texts (starting "f") get a low loss, holdout texts a high one."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score_texts(self, texts, max_tokens):
+        from jaxunlearn.evals.scoring import SampleScore
+
+        self.calls.append(max_tokens)
+        out = []
+        for i, t in enumerate(texts):
+            lp = np.full(8, -0.05 if t.startswith("f") else -3.0) - 0.01 * i
+            out.append(SampleScore(logp=lp, z=lp, match=np.ones(8, bool)))
+        return out
+
+
+def test_muse_priv_leak_of_memorised_model_is_minus_100_with_published_retrain_auc():
+    from jaxunlearn.evals import muse as muse_eval
+
+    mb = MuseBenchmark(name="muse-news", forget=[], retain=[], retain_eval=[], holdout=[], verbmem_forget=[],
+                       knowmem_forget=[], knowmem_retain=[], knowmem_forget_icl=[], knowmem_retain_icl=[],
+                       privleak={"forget": [f"f{i}" for i in range(5)], "holdout": [f"h{i}" for i in range(5)]})
+    fake = _FakeScorer()
+    s, _ = evaluate_muse(fake, mb)
+    assert fake.calls == [muse_eval.PRIVLEAK_MAX_TOKENS] * 2 == [2048, 2048]
+    assert s["privleak_auc"] == 0.0 and s["min_k_auc"] == 1.0
+    assert s["retrain_privleak_auc"] == 0.4772 and "MUSE published" in s["retrain_auc_source"]
+    assert s["priv_leak"] == pytest.approx(-100.0)
+    s, _ = evaluate_muse(fake, mb, retrain_auc=0.5)
+    assert s["priv_leak"] == pytest.approx(-100.0) and s["retrain_auc_source"] == "--retrain-auc"
+
+
+def test_score_texts_cuts_at_max_tokens_beyond_the_largest_bucket(ev, tok):
+    text = " ".join(["The silver river runs north and the old tower stands."] * 20)
+    n_ids = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert n_ids > 100
+    (s,) = ev.score_texts([text], max_tokens=100)  # buckets are (64,): one extra bucket of 101
+    assert s.count == 100  # BOS + 100 text tokens, every text token scored, no EOS
+
+
+def test_mia_scores_as_open_unlearning(ev, bench):
+    import zlib
+
+    from jaxunlearn.evals.mia import without_last
+    from jaxunlearn.evals.tofu import answer_text, mia_scores
+
+    rows = bench.forget[:3]
+    scores = ev.score_qa([(r["question"], r["answer"]) for r in rows])
+    got = mia_scores(ev, rows)
+    for i, (r, sc) in enumerate(zip(rows, scores)):
+        ex = ev.encode_qa(r["question"], r["answer"])
+        text = answer_text(ev.tokenizer, ex)
+        assert text.strip() == r["answer"]  # the answer alone: no prompt, no EOS
+        loss = -sc.logp.mean()  # LOSS: every answer token and EOS
+        assert got["loss"][i] == pytest.approx(loss)
+        assert got["zlib"][i] == pytest.approx(loss / len(zlib.compress(text.encode("utf-8"))))
+        lp = np.sort(sc.logp[:-1])  # Min-K: EOS left out
+        assert got["min_k"][i] == pytest.approx(-lp[: max(1, int(lp.size * 0.4))].mean())
+        assert got["min_k_pp"][i] == pytest.approx(-np.sort(without_last(sc.z))[: max(1, int(lp.size * 0.4))].mean())
 
 
 def test_report_table_and_plots(tofu_result, tmp_path):

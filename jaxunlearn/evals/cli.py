@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's folder)")
     p.add_argument("--prompt-format", help="qa, llama2-chat or chat (default: from the tokenizer)")
     p.add_argument("--retain-results", help="retain model's per-sample JSON (enables forget quality)")
-    p.add_argument("--retrain-auc", type=float, help="MUSE: retrained model's Min-K%% AUC (enables PrivLeak)")
+    p.add_argument("--retrain-auc", type=float,
+                   help="MUSE: a retrained model's Min-K%% forget-vs-holdout AUC in MUSE's convention (its "
+                        "summary's privleak_auc); default: MUSE's published value (news 0.4772, books 0.5393)")
     p.add_argument("--out", help="output folder (default RUN/eval for a run; required for an HF folder)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--max-len", type=int, default=512)
@@ -73,9 +75,9 @@ def _evaluate(ev, bench, args, label: str, extra: dict | None = None) -> dict:
 
         summary, per_sample = evaluate_muse(ev, bench, retrain_auc=args.retrain_auc, model_name=label)
     else:
-        from jaxunlearn.evals.tofu import evaluate_tofu, load_forget_ratios
+        from jaxunlearn.evals.tofu import benchmark_identity, evaluate_tofu, load_forget_ratios
 
-        retain = load_forget_ratios(args.retain_results) if args.retain_results else None
+        retain = load_forget_ratios(args.retain_results, benchmark_identity(bench)) if args.retain_results else None
         summary, per_sample = evaluate_tofu(ev, bench, retain, args.max_new_tokens, label, with_mia=not args.no_mia)
     summary.update(extra or {})
     _write(pathlib.Path(args.out), label, summary, per_sample)
@@ -186,11 +188,10 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
 
 def write_reports(out: pathlib.Path) -> None:
     """results.md and tradeoff.png from every *.summary.json in out."""
-    from jaxunlearn.evals.report import markdown_table, plot_tradeoff
+    from jaxunlearn.evals.report import markdown_table, plot_tradeoff, sort_key
 
-    rows = []
-    for f in sorted(out.glob("*.summary.json")):
-        rows.append((f.name[: -len(".summary.json")], json.loads(f.read_text())))
+    rows = [(f.name[: -len(".summary.json")], json.loads(f.read_text())) for f in out.glob("*.summary.json")]
+    rows.sort(key=lambda row: sort_key(*row))
     if not rows:
         return
     tofu_rows = [(label, s) for label, s in rows if "forget" in s]

@@ -5,8 +5,16 @@
 - KnowMem(forget / retain): few-shot "Question: ...\\nAnswer: ...\\n\\n" prompt
   (`jaxunlearn.data.knowmem_prompt`), 32 greedy tokens, output cut at a blank line or "Question"
   (MUSE's stop list), ROUGE-L F1 against the answer.
-- PrivLeak: Min-K% (k = 0.4) AUC of privleak forget (trained on) vs holdout texts (`jaxunlearn.evals.mia`
-  for the sign convention), relative to a retrained model's AUC given as `retrain_auc`; None without it.
+- PrivLeak: Min-K% (k = 0.4) scores of privleak forget (trained on) vs holdout texts, each text
+  encoded as open-unlearning's MUSE_MIA data does (BOS where the tokenizer adds one, the first
+  2048 text tokens, no EOS; `jaxunlearn.data.encode_text_prefix`), the last token dropped
+  (`mia.without_last`). Their AUC in MUSE's convention (`mia.privleak_auc`: near 0 for a model that
+  memorised the forget set, near 0.5 for one that never saw it) is compared with a retrained model's:
+  PrivLeak = (AUC - retrain_auc) / retrain_auc * 100, about -100 for a model that unlearned nothing.
+  retrain_auc: `--retrain-auc` (the `privleak_auc` of a model retrained without the forget set,
+  e.g. that model's summary from this evaluation), else MUSE's published value for the corpus
+  (`mia.MUSE_RETRAIN_AUC`: news 0.4772, books 0.5393, MUSE's Llama-2-7B retrained models), else
+  PrivLeak is None. The summary records which (`retrain_auc_source`).
 
 MUSE tokenises prompts with the tokenizer's special tokens (BOS where it adds one); so do we.
 """
@@ -22,6 +30,7 @@ from jaxunlearn.evals import mia
 
 VERBMEM_NEW_TOKENS = 128
 KNOWMEM_NEW_TOKENS = 32
+PRIVLEAK_MAX_TOKENS = 2048  # open-unlearning configs/data/datasets/MUSE_MIA.yaml max_length
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
@@ -51,17 +60,26 @@ def knowmem(ev, rows: Sequence[dict], icl: Sequence[dict], max_new_tokens: int =
     return float(np.mean([x["rougeL_f1"] for x in records])), records
 
 
-def min_k_auc(ev, forget_texts: Sequence[str], holdout_texts: Sequence[str]) -> float:
-    """Min-K% (k = 0.4) AUC, forget texts vs holdout texts, every token scored."""
-    f = [mia.min_k_score(s.logp) for s in ev.score_texts(forget_texts)]
-    h = [mia.min_k_score(s.logp) for s in ev.score_texts(holdout_texts)]
-    return mia.mia_auc(f, h)
+def min_k_scores(ev, texts: Sequence[str], max_tokens: int = PRIVLEAK_MAX_TOKENS) -> list[float]:
+    """Min-K% (k = 0.4) score of each text's first max_tokens tokens, the last one dropped."""
+    return [mia.min_k_score(mia.without_last(s.logp)) for s in ev.score_texts(texts, max_tokens)]
+
+
+def retrain_auc_for(bench_name: str, retrain_auc: float | None) -> tuple[float | None, str | None]:
+    """(retrained model's privleak AUC, where it comes from): the given value, else MUSE's published one."""
+    if retrain_auc is not None:
+        return float(retrain_auc), "--retrain-auc"
+    corpus = bench_name.removeprefix("muse-")
+    if corpus in mia.MUSE_RETRAIN_AUC:
+        return mia.MUSE_RETRAIN_AUC[corpus], f"MUSE published ({corpus}, constants.py AUC_RETRAIN forget_holdout_Min-40%)"
+    return None, None
 
 
 def evaluate_muse(ev, bench, retrain_auc: float | None = None, model_name: str = "",
                   verbmem_tokens: int = VERBMEM_NEW_TOKENS, knowmem_tokens: int = KNOWMEM_NEW_TOKENS) -> tuple[dict, dict]:
     """(summary, per_sample) with VerbMem, KnowMem forget/retain, Min-K% AUC and PrivLeak."""
-    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "sizes": {},
+    identity = {"name": bench.name, "rows": {k: len(v) for k, v in vars(bench).items() if isinstance(v, list)}}
+    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity, "sizes": {},
                                "verbmem_tokens": int(verbmem_tokens), "knowmem_tokens": int(knowmem_tokens)}
     per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name}
     if bench.verbmem_forget:
@@ -76,9 +94,12 @@ def evaluate_muse(ev, bench, retrain_auc: float | None = None, model_name: str =
     holdout = bench.privleak.get("holdout") if bench.privleak else None
     forget, holdout = forget or bench.forget, holdout or bench.holdout
     if forget and holdout:
-        auc = min_k_auc(ev, forget, holdout)
-        summary["min_k_auc"] = auc
-        summary["retrain_min_k_auc"] = retrain_auc
-        summary["priv_leak"] = None if retrain_auc is None else mia.priv_leak(auc, retrain_auc)
+        f, h = min_k_scores(ev, forget), min_k_scores(ev, holdout)
+        summary["min_k_auc"] = mia.mia_auc(f, h)  # open-unlearning's convention (1 = memorised)
+        summary["privleak_auc"] = auc = mia.privleak_auc(f, h)  # MUSE's convention (0 = memorised)
+        retrain, source = retrain_auc_for(bench.name, retrain_auc)
+        summary["retrain_privleak_auc"], summary["retrain_auc_source"] = retrain, source
+        summary["priv_leak"] = None if retrain is None else mia.priv_leak(auc, retrain)
+        summary["privleak_max_tokens"] = PRIVLEAK_MAX_TOKENS
         summary["sizes"]["privleak_forget"], summary["sizes"]["privleak_holdout"] = len(forget), len(holdout)
     return summary, per_sample

@@ -29,6 +29,28 @@ def lookup(summary: Mapping, path: Sequence[str]) -> Any:
     return cur
 
 
+def _alpha_eta(label: str, summary: Mapping) -> tuple[float, float] | None:
+    """A forget model's (alpha, eta): from the run info, else from an alpha_A[_eta_E] label; None otherwise."""
+    run = summary.get("run") or {}
+    if isinstance(run.get("alpha"), (int, float)):
+        return float(run["alpha"]), float(run.get("eta") or 0.0)
+    parts = label.split("_")
+    try:
+        if parts[0] == "alpha" and len(parts) in (2, 4):
+            return float(parts[1]), float(parts[3]) if len(parts) == 4 else 0.0
+    except ValueError:
+        pass
+    return None
+
+
+def sort_key(label: str, summary: Mapping) -> tuple:
+    """Order of rows and plotted points: by method, models without an alpha first (reference,
+    memorised, HF folders; by label), then forget models by alpha (numerically) and eta."""
+    method = str((summary.get("run") or {}).get("method", ""))
+    ae = _alpha_eta(label, summary)
+    return (method, 0, 0.0, 0.0, label) if ae is None else (method, 1, ae[0], ae[1], label)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"

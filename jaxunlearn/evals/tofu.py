@@ -3,7 +3,7 @@
 Splits evaluated (whole splits; older TOFU code used only the first 300 rows, we record sizes):
   forget        bench.forget_perturbed: probability of the answer, truth ratio (paraphrased answer
                 vs perturbed answers), ROUGE-L recall of the greedy answer, exact memorisation and
-                extraction strength of the answer
+                extraction strength of the answer without its EOS (as open-unlearning)
   retain        bench.retain_perturbed: the same, truth-ratio score max(0, 1 - R)
   real_authors, world_facts (bench.extra_evals): normalised probability P(a)/(P(a) + sum P(perturbed)),
                 truth ratio of the answer itself vs the perturbed answers, ROUGE-L recall
@@ -19,6 +19,7 @@ sample's loss is the mean NLL over its answer tokens plus EOS (`jaxunlearn.data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ import numpy as np
 from jaxunlearn.evals import metrics as M
 from jaxunlearn.evals import mia
 from jaxunlearn.evals.scoring import SampleScore
+from jaxunlearn.ops import IGNORE
 
 SPLIT_SOURCES = {"forget": "forget_perturbed", "retain": "retain_perturbed"}
 EXTRA_SPLITS = ("real_authors", "world_facts")
@@ -92,8 +94,8 @@ def evaluate_split(ev, rows: Sequence[dict], split: str, max_new_tokens: int = T
                "perturbed_mean_nll": pert_nll[i].tolist(), "truth_ratio": float(ratios[i]),
                "rouge_recall": float(rouge[i])}
         if not is_extra:
-            rec["exact_memorisation"] = mia.exact_memorisation(gt[i].match)
-            rec["extraction_strength"] = mia.extraction_strength(gt[i].match)
+            rec["exact_memorisation"] = mia.exact_memorisation(mia.without_last(gt[i].match))
+            rec["extraction_strength"] = mia.extraction_strength(mia.without_last(gt[i].match))
         records.append(rec)
     if not is_extra:
         summary["exact_memorisation"] = float(np.mean([r["exact_memorisation"] for r in records]))
@@ -101,23 +103,25 @@ def evaluate_split(ev, rows: Sequence[dict], split: str, max_new_tokens: int = T
     return summary, records
 
 
-def _example_text(ev, row: dict) -> str:
-    from jaxunlearn.data import prompt_text
-
-    return prompt_text(ev.tokenizer, ev.fmt, row["question"]) + ev.fmt.answer_template.format(a=row["answer"])
+def answer_text(tokenizer, example: dict) -> str:
+    """The scored tokens of an encoded example decoded without special tokens (the answer without EOS):
+    the text open-unlearning's ZLib attack compresses (`extract_target_texts_from_processed_data`)."""
+    return tokenizer.decode([t for t in example["labels"] if t != IGNORE], skip_special_tokens=True)
 
 
 def mia_scores(ev, rows: Sequence[dict]) -> dict[str, np.ndarray]:
-    """Per-sample LOSS, ZLib, Min-K% and Min-K%++ (k = 0.4) scores of QA rows (answer tokens scored).
+    """Per-sample LOSS, ZLib, Min-K% and Min-K%++ (k = 0.4) scores of QA rows, as open-unlearning computes them.
 
-    ZLib divides by the compressed length of the whole example text (prompt + answer).
+    LOSS and ZLib use every answer token and EOS; ZLib divides by the compressed length of the
+    decoded answer (`answer_text`); Min-K% and Min-K%++ leave out the last token, EOS (`mia.without_last`).
     """
-    scores = ev.score_qa([(r["question"], r["answer"]) for r in rows])
+    examples = [ev.encode_qa(r["question"], r["answer"]) for r in rows]
+    scores = ev.score_examples(examples)
     return {
         "loss": np.array([mia.loss_score(s.logp) for s in scores]),
-        "zlib": np.array([mia.zlib_score(s.logp, _example_text(ev, r)) for s, r in zip(scores, rows)]),
-        "min_k": np.array([mia.min_k_score(s.logp) for s in scores]),
-        "min_k_pp": np.array([mia.min_k_pp_score(s.z) for s in scores]),
+        "zlib": np.array([mia.zlib_score(s.logp, answer_text(ev.tokenizer, e)) for s, e in zip(scores, examples)]),
+        "min_k": np.array([mia.min_k_score(mia.without_last(s.logp)) for s in scores]),
+        "min_k_pp": np.array([mia.min_k_pp_score(mia.without_last(s.z)) for s in scores]),
     }
 
 
@@ -133,9 +137,10 @@ def evaluate_tofu(ev, bench, retain_ratios=None, max_new_tokens: int = TOFU_MAX_
     if retain_ratios is not None and len(retain_ratios) != len(bench.forget_perturbed):
         raise EvalError(f"retain-model results have {len(retain_ratios)} forget truth ratios but this forget split "
                         f"has {len(bench.forget_perturbed)} rows; evaluate the retain model on the same forget split")
-    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "sizes": {},
-                               "whole_splits": True, "max_new_tokens": int(max_new_tokens)}
-    per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name}
+    identity = benchmark_identity(bench)
+    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity,
+                               "sizes": {}, "whole_splits": True, "max_new_tokens": int(max_new_tokens)}
+    per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity}
     plan = [(name, getattr(bench, src)) for name, src in SPLIT_SOURCES.items()]
     plan += [(name, bench.extra_evals[name]) for name in EXTRA_SPLITS if bench.extra_evals.get(name)]
     for name, rows in plan:
@@ -152,13 +157,39 @@ def evaluate_tofu(ev, bench, retain_ratios=None, max_new_tokens: int = TOFU_MAX_
     return summary, per_sample
 
 
-def load_forget_ratios(path: str | pathlib.Path) -> list[float]:
-    """Per-sample forget truth ratios from a per-sample JSON written by `evaluate_tofu` / `jaxunlearn eval`."""
+def benchmark_identity(bench) -> dict[str, Any]:
+    """What a result was computed on: the benchmark's name (TOFU: tofu-<forget split>; synthetic:
+    synthetic-s<seed>-e<entities>-f<forget entities>; MUSE: muse-<corpus>), its row counts, and a
+    SHA-256 prefix of the forget rows (so that results on differently built data never compare)."""
+    rows = getattr(bench, "forget_perturbed", None) or getattr(bench, "forget", [])
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+    sizes = bench.sizes() if hasattr(bench, "sizes") else {}
+    return {"name": bench.name, "rows": sizes, "forget_sha256": digest[:16]}
+
+
+def _describe(identity: dict) -> str:
+    forget = (identity.get("rows") or {}).get("forget_perturbed", "?")
+    return f"{identity.get('name')} ({forget} forget rows, forget data {identity.get('forget_sha256')})"
+
+
+def load_forget_ratios(path: str | pathlib.Path, identity: dict | None = None) -> list[float]:
+    """Per-sample forget truth ratios from a per-sample JSON written by `evaluate_tofu` / `jaxunlearn eval`.
+
+    With `identity` (this evaluation's `benchmark_identity`), a file computed on another benchmark,
+    split, seed or row set is refused (EvalError naming both), as is one that records no identity.
+    """
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: retain-model results file not found")
     try:
         data = json.loads(p.read_text())
-        return [float(r["truth_ratio"]) for r in data["forget"]]
+        ratios = [float(r["truth_ratio"]) for r in data["forget"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise EvalError(f"{p}: not a per-sample results file with forget truth ratios ({e})") from None
+    theirs = data.get("benchmark_identity")
+    if identity is not None and theirs != identity:
+        if not isinstance(theirs, dict):
+            raise EvalError(f"{p}: records no benchmark identity; re-evaluate the retain model on {_describe(identity)}")
+        raise EvalError(f"{p}: retain-model results are for {_describe(theirs)}, "
+                        f"but this evaluation is on {_describe(identity)}")
+    return ratios
