@@ -1,18 +1,39 @@
 """Prompt formats per model family and QA tokenisation with answer-only labels.
 
-Formats (see design/metrics.md):
-  "qa"          base models (phi-1.5, Llama-2 base): "Question: {q}\\nAnswer: {a}"
-  "llama2-chat" Llama-2 chat:                        "[INST] {q} [/INST]{a}"
+Exact texts ("|" marks where the prompt ends and the scored answer begins; [BOS] where the
+tokenizer adds one by default, i.e. Llama yes, Phi no; [EOS] always):
+  "qa"          base models (Phi-1.5, Llama-2 base):   [BOS]Question: {q}\nAnswer:| {a}[EOS]
+  "llama2-chat" Llama-2 chat:                         [BOS][INST] {q} [/INST]|{a}[EOS]
   "chat"        other instruct models: the tokenizer's chat template with the system prompt
-                "You are a helpful assistant." and the generation prompt; the answer follows it.
+                "You are a helpful assistant." and the generation prompt|{a}[EOS]
+No system prompt in "llama2-chat" (as TOFU and open-unlearning). The generation prompt is the
+text before "|": "Question: {q}\nAnswer:" with NO trailing space, "[INST] {q} [/INST]".
+
+Why the space belongs to the answer: byte-level BPE (Phi, GPT-2) and SentencePiece (Llama) attach
+a space to the word after it ("ĠParis", "▁Paris"), so in "Answer: Paris" the token after ":" is the
+answer's first token, space included. A prompt ending "Answer: " instead ends in a lone-space token
+("Ġ" / "▁") that never follows "Answer:" in a training sequence encoded this way, so a model
+fine-tuned in the "qa" format is asked to continue from an input it never saw, and its generations
+suffer (see the README for a measurement). MUSE's KnowMem prompt does end "Answer: " (MUSE's
+models are trained on raw text; `jaxunlearn.data.knowmem_prompt`).
+
+Token for token against the references (tests/test_evals_prompt_formats.py, HF tokenizers):
+- input ids of prompt + answer + EOS are identical to TOFU's (data_module.py
+  convert_raw_data_to_model_format) and open-unlearning's (src/data/utils.py
+  preprocess_chat_instance with configs/model/phi-1_5.yaml, Llama-2-7b-hf.yaml, Llama-2-7b-chat-hf.yaml)
+  in both formats; in "llama2-chat" the labels are identical too (answer tokens and EOS).
+- labels in "qa" differ between the references, and ours sit between them: TOFU also scores the
+  "Answer:" tokens; open-unlearning's prompt "Question: {q}\nAnswer: " is one token longer than
+  what precedes the answer in the joint encoding (its lone space), so it leaves the answer's first
+  token unscored; we score exactly " {a}" and EOS.
+- generation prompts: "llama2-chat" as both; "qa" ends at "Answer:" where open-unlearning's ends
+  "Answer: " and TOFU's generation prompt is "Question: {q}\n" (its split on "Answer: ").
 
 Tokenisation (as in the TOFU reference code): the prompt and prompt+answer are tokenised as
 text and the answer's ids are what follows the prompt's ids; where the tokenizer merges across
-the boundary the answer is tokenised on its own instead. BOS is prepended when the tokenizer
-adds one by default (chat templates carry their own), EOS is always appended. Labels equal the
-input ids on answer tokens and EOS, IGNORE elsewhere (aligned with input_ids; see ops.py).
-The space between "Answer:" and the answer belongs to the answer, so a generation prompt ends
-at "Answer:".
+the boundary the answer is tokenised on its own instead (TOFU and open-unlearning keep the joint
+ids and count the prompt's tokens). Labels equal the input ids on answer tokens and EOS, IGNORE
+elsewhere (aligned with input_ids; see ops.py).
 """
 
 from __future__ import annotations
