@@ -13,8 +13,9 @@ Why the space belongs to the answer: byte-level BPE (Phi, GPT-2) and SentencePie
 a space to the word after it ("ĠParis", "▁Paris"), so in "Answer: Paris" the token after ":" is the
 answer's first token, space included. A prompt ending "Answer: " instead ends in a lone-space token
 ("Ġ" / "▁") that never follows "Answer:" in a training sequence encoded this way, so a model
-fine-tuned in the "qa" format is asked to continue from an input it never saw, and its generations
-suffer (see the README for a measurement). MUSE's KnowMem prompt does end "Answer: " (MUSE's
+fine-tuned in the "qa" format is asked to continue from an input it never saw: the demo's reference
+model scores ROUGE-L recall 0.997 on its training questions from "Answer:" and 0.062 from "Answer: "
+(experiments/bench/prompt_trailing_space.py). MUSE's KnowMem prompt does end "Answer: " (MUSE's
 models are trained on raw text; `jaxunlearn.data.knowmem_prompt`).
 
 Token for token against the references (tests/test_evals_prompt_formats.py, HF tokenizers):

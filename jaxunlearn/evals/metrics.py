@@ -1,8 +1,8 @@
 """TOFU and MUSE metric formulas on per-sample numbers (pure numpy, no model).
 
 Definitions follow ../shared/design/metrics.md (relative to the repository root). Inputs are
-per-sample *mean* NLLs over the scored answer tokens (what the scorer in `jaxunlearn.evals.scoring` returns), so a probability is
-length-normalised: P(a|q) = exp(-mean NLL).
+per-sample *mean* NLLs over the scored answer tokens (what the scorer in `jaxunlearn.evals.scoring`
+returns), so a probability is length-normalised: P(a|q) = exp(-mean NLL).
 
 Conventions (and where they come from):
 - Truth ratio R = exp(mean_NLL(true) - mean_j mean_NLL(perturbed_j)) = P(false)/P(true), with the

@@ -71,7 +71,8 @@ def retrain_auc_for(bench_name: str, retrain_auc: float | None) -> tuple[float |
         return float(retrain_auc), "--retrain-auc"
     corpus = bench_name.removeprefix("muse-")
     if corpus in mia.MUSE_RETRAIN_AUC:
-        return mia.MUSE_RETRAIN_AUC[corpus], f"MUSE published ({corpus}, constants.py AUC_RETRAIN forget_holdout_Min-40%)"
+        source = f"MUSE published ({corpus}, constants.py AUC_RETRAIN forget_holdout_Min-40%)"
+        return mia.MUSE_RETRAIN_AUC[corpus], source
     return None, None
 
 
@@ -79,8 +80,8 @@ def evaluate_muse(ev, bench, retrain_auc: float | None = None, model_name: str =
                   verbmem_tokens: int = VERBMEM_NEW_TOKENS, knowmem_tokens: int = KNOWMEM_NEW_TOKENS) -> tuple[dict, dict]:
     """(summary, per_sample) with VerbMem, KnowMem forget/retain, Min-K% AUC and PrivLeak."""
     identity = {"name": bench.name, "rows": {k: len(v) for k, v in vars(bench).items() if isinstance(v, list)}}
-    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity, "sizes": {},
-                               "verbmem_tokens": int(verbmem_tokens), "knowmem_tokens": int(knowmem_tokens)}
+    summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity,
+                               "sizes": {}, "verbmem_tokens": int(verbmem_tokens), "knowmem_tokens": int(knowmem_tokens)}
     per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name}
     if bench.verbmem_forget:
         summary["verbmem_forget"], per_sample["verbmem_forget"] = verbmem(ev, bench.verbmem_forget, verbmem_tokens)

@@ -189,7 +189,8 @@ def load_forget_ratios(path: str | pathlib.Path, identity: dict | None = None) -
     theirs = data.get("benchmark_identity")
     if identity is not None and theirs != identity:
         if not isinstance(theirs, dict):
-            raise EvalError(f"{p}: records no benchmark identity; re-evaluate the retain model on {_describe(identity)}")
+            raise EvalError(f"{p}: records no benchmark identity; "
+                            f"re-evaluate the retain model on {_describe(identity)}")
         raise EvalError(f"{p}: retain-model results are for {_describe(theirs)}, "
                         f"but this evaluation is on {_describe(identity)}")
     return ratios
