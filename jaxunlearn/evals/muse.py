@@ -2,19 +2,21 @@
 
 - VerbMem(forget): greedy continuation (128 new tokens) of each verbmem prompt, ROUGE-L F1 against
   the true continuation cut to its first 128 tokens.
-- KnowMem(forget / retain): few-shot "Question: ...\\nAnswer: ...\\n\\n" prompt
-  (`jaxunlearn.data.knowmem_prompt`), 32 greedy tokens, output cut at a blank line or "Question"
-  (MUSE's stop list), ROUGE-L F1 against the answer.
+- KnowMem(forget / retain): few-shot "Question: ...\\nAnswer: ...\\n\\n" prompt ending
+  "Question: {q}\\nAnswer: " (trailing space; `jaxunlearn.data.knowmem_prompt`), 32 greedy tokens,
+  output cut at a blank line or "Question" (MUSE's stop list), ROUGE-L F1 against the answer.
 - PrivLeak: Min-K% (k = 0.4) scores of privleak forget (trained on) vs holdout texts, each text
   encoded as open-unlearning's MUSE_MIA data does (BOS where the tokenizer adds one, the first
-  2048 text tokens, no EOS; `jaxunlearn.data.encode_text_prefix`), the last token dropped
-  (`mia.without_last`). Their AUC in MUSE's convention (`mia.privleak_auc`: near 0 for a model that
-  memorised the forget set, near 0.5 for one that never saw it) is compared with a retrained model's:
+  2048 text tokens, no EOS; `jaxunlearn.data.prompts.encode_text_prefix`), the last token dropped
+  (`mia.without_last`); MUSE's own metrics/privleak.py scores every token of the whole text.
+  Their AUC in MUSE's convention (`mia.privleak_auc`: near 0 for a model that memorised the forget
+  set, near 0.5 for one that never saw it) is compared with a retrained model's:
   PrivLeak = (AUC - retrain_auc) / retrain_auc * 100, about -100 for a model that unlearned nothing.
   retrain_auc: `--retrain-auc` (the `privleak_auc` of a model retrained without the forget set,
   e.g. that model's summary from this evaluation), else MUSE's published value for the corpus
   (`mia.MUSE_RETRAIN_AUC`: news 0.4772, books 0.5393, MUSE's Llama-2-7B retrained models), else
-  PrivLeak is None. The summary records which (`retrain_auc_source`).
+  PrivLeak is None. The summary records which (`retrain_auc_source`). (open-unlearning falls back to
+  0.5 without a retrained model's logs, configs/eval/muse_metrics/privleak.yaml ref_value.)
 
 MUSE tokenises prompts with the tokenizer's special tokens (BOS where it adds one); so do we.
 """
@@ -82,7 +84,7 @@ def evaluate_muse(ev, bench, retrain_auc: float | None = None, model_name: str =
     identity = {"name": bench.name, "rows": {k: len(v) for k, v in vars(bench).items() if isinstance(v, list)}}
     summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity,
                                "sizes": {}, "verbmem_tokens": int(verbmem_tokens), "knowmem_tokens": int(knowmem_tokens)}
-    per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name}
+    per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity}
     if bench.verbmem_forget:
         summary["verbmem_forget"], per_sample["verbmem_forget"] = verbmem(ev, bench.verbmem_forget, verbmem_tokens)
         summary["sizes"]["verbmem_forget"] = len(bench.verbmem_forget)
