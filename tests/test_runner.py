@@ -27,7 +27,7 @@ from jaxunlearn.config import from_dict
 TINY = {
     "data": {"synthetic_entities": 6, "max_len": 64, "buckets": [64]},
     "train": {"batch_size": 8, "epochs": 3, "lr": 1e-3},
-    "mox": {"alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
+    "method": {"name": "mox", "alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
     "checkpoint": {"save_every": 3, "keep": 2},
 }
 TOTAL_STEPS = 12
@@ -111,7 +111,7 @@ def test_killed_run_resumes_bitwise(runs):
     assert [r["step"] for r in resumes] == [killed_at]
     assert ck.reference_hash(clean) == ck.reference_hash(killed)
     _assert_bitwise(_params(killed, "memorized")[0], _params(clean, "memorized")[0])
-    for eta in (None, TINY["mox"]["eta"]):  # plain and momentum forget models
+    for eta in (None, TINY["method"]["eta"]):  # plain and momentum forget models
         (got, meta), (want, want_meta) = _params(killed, "forget", eta=eta), _params(clean, "forget", eta=eta)
         _assert_bitwise(got, want)
         assert meta["hash"] == want_meta["hash"] and meta["source_step"] == TOTAL_STEPS
@@ -201,7 +201,7 @@ def test_unknown_extrapolation_rule_fails_before_training(tmp_path, monkeypatch)
         raise _Stop("training started")
 
     monkeypatch.setattr(runner, "train_stage", train_stage)
-    cfg = from_dict(dict(TINY, mox=dict(TINY["mox"], rule="bogus")))
+    cfg = from_dict(dict(TINY, method=dict(TINY["method"], rule="bogus")))
     with pytest.raises(ValueError, match="unknown extrapolation rule 'bogus'"):
         runner.unlearn(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -247,7 +247,7 @@ def test_momentum_that_would_never_update_is_refused_before_training(tmp_path, m
         raise _Stop("training started")
 
     monkeypatch.setattr(train, "train_loop", train_loop)
-    cfg = from_dict(dict(TINY, mox=dict(TINY["mox"], momentum_every=TOTAL_STEPS + 1)))
+    cfg = from_dict(dict(TINY, method=dict(TINY["method"], momentum_every=TOTAL_STEPS + 1)))
     with pytest.raises(ValueError, match="momentum_every.*no momentum update"):
         runner.unlearn(cfg, tmp_path / "run")
     assert _steps(tmp_path / "run") == []

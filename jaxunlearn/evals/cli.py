@@ -30,9 +30,10 @@ from jaxunlearn.evals.tofu import EvalError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxunlearn eval", description="evaluate a run directory or an HF folder")
     p.add_argument("target", help="run directory (with config.yaml) or Hugging Face model folder")
-    p.add_argument("--which", nargs="+", default=["forget"],
-                   help="for a run: any of reference, memorized, forget, sweep (every alpha in RUN/forget)")
-    p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's mox.alpha)")
+    p.add_argument("--which", nargs="+", default=["result"],
+                   help="for a run: any of result (the method's result model, default), reference, trained "
+                        "(memorized), forget, sweep (every alpha in RUN/forget)")
+    p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's method.alpha)")
     p.add_argument("--step", type=int, help="for --which memorized: the step (default: latest)")
     p.add_argument("--benchmark", choices=["tofu", "synthetic", "muse"], help="for an HF folder (default tofu)")
     p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the hub")
@@ -132,12 +133,14 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
 
     out: list[tuple[str, dict]] = []
     for which in args.which:
-        if which == "reference":
+        if which == "result":
+            out.append((cfg.method.name, {"which": "result"}))
+        elif which == "reference":
             out.append(("reference", {"which": "reference"}))
-        elif which == "memorized":
-            out.append(("memorized", {"which": "memorized", "step": args.step}))
+        elif which in ("trained", "memorized"):
+            out.append((which, {"which": which, "step": args.step}))
         elif which == "forget":
-            for a in args.alpha or [cfg.mox.alpha]:
+            for a in args.alpha or [cfg.method.params.alpha]:
                 out.append((ck.forget_name(float(a)), {"which": "forget", "alpha": a}))
         elif which == "sweep":
             metas = ck.list_forget(run)
@@ -146,7 +149,7 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
             for m in metas:
                 out.append((pathlib.Path(m["path"]).name, {"which": "forget", "alpha": m["alpha"], "eta": m.get("eta")}))
         else:
-            raise EvalError(f"--which {which!r}: expected reference, memorized, forget or sweep")
+            raise EvalError(f"--which {which!r}: expected result, reference, trained, memorized, forget or sweep")
     first: dict[str, dict] = {}
     for label, kw in out:
         first.setdefault(label, kw)
@@ -177,9 +180,9 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
                            max_len=args.max_len, param_shardings=setup.shardings, batch_sharding=batch_sharding(mesh))
         else:
             ev = ev.with_params(params)
-        info = {"dir": str(run), "method": cfg.method, **{k: v for k, v in kw.items() if v is not None}}
+        info = {"dir": str(run), "method": cfg.method.name, **{k: v for k, v in kw.items() if v is not None}}
         summary = _evaluate(ev, bench, args, label, {"run": info})
-        results.append((label, cfg.method, summary))
+        results.append((label, cfg.method.name, summary))
     from jaxunlearn.evals.report import plot_training
 
     plot_training(ck.read_metrics(run), pathlib.Path(args.out) / "training.png")
