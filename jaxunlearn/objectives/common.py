@@ -18,6 +18,8 @@ Conventions (chosen once, used by every objective):
   (t+1) is a real token by the attention mask, i.e. shifted like the labels; it covers
   prompt and answer positions and excludes padding. It is averaged over all such positions
   of the batch (each position weighs the same). Reference logits are under stop_gradient.
+  open-unlearning's KL instead averages over all B*T positions, padding and final position
+  included (see terms.py).
 """
 
 from __future__ import annotations

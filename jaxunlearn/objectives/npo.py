@@ -7,7 +7,9 @@
 
 log p(y|x) is the summed log-prob of the answer tokens (common.sequence_logprob); SimNPO's
 NLL / |y| is the per-sample length-normalised NLL, whatever `nll_reduction` (which only sets the
-retain NLL's reduction). Samples without a scored token are left out of the means.
+retain NLL's reduction). Samples without a scored token are left out of the means. |y| counts
+the scored next-token targets (labels[:, 1:]); open-unlearning counts labels[:, :] != -100, the
+same whenever the first position is a prompt token.
 Defaults as open-unlearning configs/trainer/NPO.yaml (beta 0.1, gamma 1, alpha 1) and
 SimNPO.yaml (beta 4.5, delta 0, gamma 0.125, alpha 1; from the SimNPO authors' TOFU config).
 """
