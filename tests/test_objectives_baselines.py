@@ -277,3 +277,15 @@ def test_missing_batch_keys(world):
         obj = get_objective(name, **({"layer": 0} if name == "rmu" else {}))
         with pytest.raises(MissingBatchKeyError, match=f"'{name}' needs batch\\['{key}'\\]"):
             jax.eval_shape(lambda p, r: obj(p, r, only_forget, world["apply"]), world["params"], world["ref"])
+
+
+def test_rmu_trainable_selects_layer_slices_of_stacked_parameters():
+    """With layers stored stacked ([L, ...] under 'layers.<name>'), the same per-layer pattern selects slices."""
+    from jaxunlearn.objectives.rmu import freeze_others
+
+    params = {"layers": {"mlp": {"down_proj": {"kernel": jnp.ones((3, 2, 2))}}, "norm": {"scale": jnp.ones((3, 2))}},
+              "embed": jnp.ones((4, 2))}
+    frozen_sum = lambda p: sum((x ** 2).sum() for x in jax.tree.leaves(freeze_others(p, r"layers\.(0|2)\.mlp\..*")))  # noqa: E731
+    grads = jax.grad(frozen_sum)(params)
+    np.testing.assert_array_equal(np.asarray(grads["layers"]["mlp"]["down_proj"]["kernel"])[:, 0, 0], [2.0, 0.0, 2.0])
+    assert float(jnp.abs(grads["layers"]["norm"]["scale"]).max()) == 0.0 and float(jnp.abs(grads["embed"]).max()) == 0.0
