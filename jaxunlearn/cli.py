@@ -3,6 +3,9 @@
 Each subcommand lives in its own module and is imported only when used, so that
 `jaxunlearn --help` is fast and one module's import cost does not slow the others.
 A subcommand is a function `main(argv: list[str]) -> int`.
+
+Global options (before the command) join a multi-process run; see `jaxunlearn.distributed`:
+    jaxunlearn [--coordinator HOST:PORT --num-processes N --process-id I] COMMAND [args...]
 """
 
 from __future__ import annotations
@@ -28,15 +31,51 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+# global options -> keyword of jaxunlearn.distributed.initialize and the type of its value
+CLUSTER_OPTIONS: dict[str, tuple[str, type]] = {
+    "--coordinator": ("coordinator", str),
+    "--num-processes": ("num_processes", int),
+    "--process-id": ("process_id", int),
+}
+
+
 def _usage() -> str:
-    lines = ["usage: jaxunlearn COMMAND [options]", "", "commands:"]
+    lines = ["usage: jaxunlearn [--coordinator HOST:PORT --num-processes N --process-id I] COMMAND [options]",
+             "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Run `jaxunlearn COMMAND --help` for a command's options."]
+    lines += ["", "Run `jaxunlearn COMMAND --help` for a command's options.",
+              "", "multi-process runs (GPU or CPU clusters; Cloud TPU is detected and needs none of these):",
+              "  --coordinator HOST:PORT  address of process 0's coordinator (env JAXUNLEARN_COORDINATOR)",
+              "  --num-processes N        processes in the run (env JAXUNLEARN_NUM_PROCESSES)",
+              "  --process-id I           this process, 0..N-1 (env JAXUNLEARN_PROCESS_ID)"]
     return "\n".join(lines)
+
+
+def split_cluster_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """Leading global options -> (initialize keywords, the rest of argv)."""
+    found: dict = {}
+    argv = list(argv)
+    while argv and argv[0].split("=", 1)[0] in CLUSTER_OPTIONS:
+        flag, eq, value = argv.pop(0).partition("=")
+        if not eq:
+            if not argv:
+                raise ValueError(f"{flag}: missing value")
+            value = argv.pop(0)
+        key, kind = CLUSTER_OPTIONS[flag]
+        try:
+            found[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{flag}: expected {kind.__name__}, got {value!r}") from None
+    return found, argv
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cluster, argv = split_cluster_options(argv)
+    except ValueError as err:
+        print(f"jaxunlearn: error: {err}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -46,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func, _ = COMMANDS[name]
     try:
+        if not {"-h", "--help"} & set(rest):
+            from jaxunlearn import distributed
+
+            distributed.initialize(**cluster)  # before the command touches any device
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except USER_ERRORS as err:
         if os.environ.get("JAXUNLEARN_DEBUG"):

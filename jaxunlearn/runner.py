@@ -204,9 +204,12 @@ def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
                 f"{run / ck.CONFIG_FILE}: this command's config differs at {', '.join(diff)}; "
                 "rerun with the original settings or use a new run directory"
             )
-        return
-    run.mkdir(parents=True, exist_ok=True)
-    ck.write_config(run, new)
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        ck.write_config(run, new)
+    from jaxunlearn import distributed
+
+    distributed.require_shared(run / ck.CONFIG_FILE)
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -264,7 +267,7 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     mgr = ck.MemorizedCheckpoints(run, cfg.checkpoint.keep, cfg.checkpoint.async_save, subdir=stage.subdir)
     try:
         state = _start_state(run, mgr, setup, stage, optimizer, opt_shardings, start_params, ref_params, base_key)
-        bar = tqdm(total=n_steps, initial=state.step, desc=stage.name, disable=None, leave=False)
+        bar = tqdm(total=n_steps, initial=state.step, desc=stage.name, disable=None if ck.is_primary() else True, leave=False)
 
         def on_step(st, metrics):
             bar.update(1)
@@ -549,13 +552,17 @@ def extrapolate_run(
 
 def export_run(run, which: str, out, alpha: float | None = None, eta: float | None = None, step: int | None = None):
     """Export a run's parameters (and its tokenizer, when it can be rebuilt) as an HF folder."""
+    from jaxunlearn import distributed
     from jaxunlearn.models import hf, merge_params
 
     run = pathlib.Path(run)
     setup, params, _ = load_run_params(run, which, alpha, eta, step)
     out = pathlib.Path(out)
-    hf.export_hf(merge_params(setup.graphdef, jax.device_get(params)), out)
-    run_tokenizer(run).save_pretrained(str(out))
+    host = ck.host_tree(params)  # every process takes part in gathering shards held elsewhere
+    if ck.is_primary():
+        hf.export_hf(merge_params(setup.graphdef, host), out)
+        run_tokenizer(run).save_pretrained(str(out))
+    distributed.barrier("export_hf")
     return out
 
 
