@@ -4,11 +4,11 @@
 Why a tolerance and not bits: the 2-process run all-reduces gradients through gloo, in another
 order than XLA's in-process all-reduce, so gradients differ in their last bits; Adam divides by
 sqrt(v) + eps and turns those bits into visible differences for parameters whose gradients are
-tiny (here: embedding rows of rare tokens). Measured on this config (mesh fsdp=8, 4 steps):
-||theta_2proc - theta_1proc|| / ||theta_1proc - theta_ref|| = 1.3e-4 for the memorised and both
-forget models; the same ratio between two 1-process runs on different mesh shapes (data=2 fsdp=4
-vs fsdp=8) is 2e-4, so the 2-process run is as close to the 1-process run as two mesh shapes of one
-process are to each other. A process training on the wrong rows would move the ratio to order 1.
+tiny (here: embedding rows of rare tokens). Measured on this config (mesh fsdp=8, 4 steps), as
+||theta_2proc - theta_1proc|| / ||theta_1proc - theta_ref||: 1.9e-4 for the memorised and the plain
+forget model, 2.1e-4 for the momentum forget model. For scale: one process on another mesh shape
+(data=2 fsdp=4) differs from it by 2.4e-4, and a run that sees its batches in another order
+(train.seed=1) by 0.28; the tolerance, 1e-3, sits between the two.
 The reference (initialisation only, no reduction) must be bitwise equal.
 """
 
@@ -34,7 +34,7 @@ TINY = {
     "mox": {"alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
     "checkpoint": {"save_every": 2, "keep": 2},
 }
-RELATIVE_TOLERANCE = 1e-3  # on ||theta_2proc - theta_1proc|| / ||theta_1proc - theta_ref||; measured 1.3e-4
+RELATIVE_TOLERANCE = 1e-3  # on ||theta_2proc - theta_1proc|| / ||theta_1proc - theta_ref||; measured 2.1e-4 at most
 
 
 # ----------------------------------------------------------------------------- cluster settings
