@@ -13,6 +13,7 @@ The reference (initialisation only, no reduction) must be bitwise equal.
 """
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import yaml
 from jaxunlearn import checkpoint as ck
 from jaxunlearn import cli, distributed, runner
 from jaxunlearn.config import load_config
+from jaxunlearn.models import hf, split_params
 
 # params sharded across the two processes (fsdp over all 8 devices), momentum forget model on
 TINY = {
@@ -132,15 +134,18 @@ def test_unlearn_two_processes_matches_one(tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     command = [sys.executable, "-m", "jaxunlearn.cli"]
+    flags = ["--coordinator", coordinator, "--num-processes", "2", "--process-id", "0"]
     unlearn = ["unlearn", str(config), "--run", str(two)]
-    # process 0 takes the cluster from flags, process 1 from the environment
+    export = ["export-hf", "--run", str(two), "--which", "forget", "--out", str(two / "hf")]
+    # process 0 takes the cluster from flags, process 1 from the environment; each runs unlearn, then export-hf
     launches = [
-        (command + ["--coordinator", coordinator, "--num-processes", "2", "--process-id", "0"] + unlearn, env),
-        (command + unlearn, dict(env, JAXUNLEARN_COORDINATOR=coordinator, JAXUNLEARN_NUM_PROCESSES="2",
-                                 JAXUNLEARN_PROCESS_ID="1")),
+        (f"{shlex.join(command + flags + unlearn)} && {shlex.join(command + flags + export)}", env),
+        (f"{shlex.join(command + unlearn)} && {shlex.join(command + export)}",
+         dict(env, JAXUNLEARN_COORDINATOR=coordinator, JAXUNLEARN_NUM_PROCESSES="2", JAXUNLEARN_PROCESS_ID="1")),
     ]
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT) for (cmd, e), log in zip(launches, logs)]
+    procs = [subprocess.Popen(["bash", "-c", cmd], env=e, stdout=log, stderr=subprocess.STDOUT)
+             for (cmd, e), log in zip(launches, logs)]
     try:
         runner.unlearn(load_config(config), one)  # meanwhile: the same run in this 8-device process
         for p in procs:
@@ -156,7 +161,7 @@ def test_unlearn_two_processes_matches_one(tmp_path):
         log.close()
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-        assert "forget model (alpha=4.0, eta=0.5, step 4)" in out
+        assert "forget model (alpha=4.0, eta=0.5, step 4)" in out and str(two / "hf") in out
 
     # process 0 alone wrote the run-level files: one metrics line per step, as in the 1-process run
     assert (two / ck.CONFIG_FILE).read_text() == (one / ck.CONFIG_FILE).read_text().replace(str(one), str(two))
@@ -168,3 +173,11 @@ def test_unlearn_two_processes_matches_one(tmp_path):
     for which, kw in (("memorized", {}), ("forget", {}), ("forget", {"eta": 0.5})):
         got, want = _flat(two, which, **kw), _flat(one, which, **kw)
         assert _relative_difference(got, want, ref) < RELATIVE_TOLERANCE, (which, kw)
+
+    # the export gathered the shards of both processes: it holds exactly the stored forget model
+    exported = split_params(hf.load_hf(two / "hf"))[1]
+    leaves = jax.tree_util.tree_flatten_with_path(exported)[0]
+    exported = {ck.canonical_path(p): np.asarray(x, np.float64) for p, x in leaves}
+    forget = _flat(two, "forget")
+    assert exported.keys() == forget.keys()
+    assert all(np.array_equal(exported[k], forget[k]) for k in forget)
