@@ -33,7 +33,8 @@ ENV_PROCESS_ID = "JAXUNLEARN_PROCESS_ID"
 # variables a Cloud TPU VM (GCE or GKE) sets for its workers
 TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE")
 GOOGLE_PCI_VENDOR = "0x1ae0"
-# PCI device ids of TPU chips v3 .. v7 (Google's vendor id also covers its virtual NIC, so the vendor alone is not enough)
+# PCI device ids of TPU chips v3 .. v7 (Google's vendor id also covers its virtual NIC,
+# so the vendor alone is not enough)
 TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
 
@@ -77,10 +78,12 @@ def explicit_cluster(
         raise DistributedConfigError(f"number of processes: must be at least 1, got {num_processes}")
     if num_processes == 1 and process_id in (None, 0):
         return None
-    missing = [name for name, value in (("coordinator (--coordinator or " + ENV_COORDINATOR + ")", coordinator),
-                                        ("number of processes (--num-processes or " + ENV_NUM_PROCESSES + ")", num_processes),
-                                        ("process id (--process-id or " + ENV_PROCESS_ID + ")", process_id))
-               if value is None]
+    settings = (
+        (f"coordinator (--coordinator or {ENV_COORDINATOR})", coordinator),
+        (f"number of processes (--num-processes or {ENV_NUM_PROCESSES})", num_processes),
+        (f"process id (--process-id or {ENV_PROCESS_ID})", process_id),
+    )
+    missing = [name for name, value in settings if value is None]
     if missing:
         raise DistributedConfigError(f"multi-process run needs {', '.join(missing)}")
     host, _, port = coordinator.rpartition(":")
@@ -163,7 +166,7 @@ def barrier(name: str) -> None:
 def require_shared(path: str | os.PathLike) -> None:
     """Raise in every process unless every process sees `path` (just written by process 0):
     a run directory must be on a filesystem all processes share."""
-    barrier(f"require_shared:{path}")
+    barrier("require_shared")
     if not all_processes_agree(pathlib.Path(path).exists()):
         raise DistributedConfigError(
             f"{path}: not visible to every process; put the run directory on a filesystem all hosts share "

@@ -126,41 +126,59 @@ def _relative_difference(got: dict, want: dict, ref: dict) -> float:
     return float(np.sqrt(diff / moved))
 
 
+COMMAND = [sys.executable, "-m", "jaxunlearn.cli"]
+
+
+class TwoProcesses:
+    """Start two CPU processes (4 devices each) of one cluster on localhost: process 0 takes the
+    cluster from the global flags, process 1 from the JAXUNLEARN_* environment variables. Each
+    runs a list of jaxunlearn commands (argument lists), one after the other."""
+
+    def __init__(self, folder, commands_of):
+        coordinator = f"127.0.0.1:{_free_port()}"
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+        flags = ["--coordinator", coordinator, "--num-processes", "2", "--process-id", "0"]
+        launches = [
+            (" && ".join(shlex.join(COMMAND + flags + c) for c in commands_of(0)), env),
+            (" && ".join(shlex.join(COMMAND + c) for c in commands_of(1)),
+             dict(env, JAXUNLEARN_COORDINATOR=coordinator, JAXUNLEARN_NUM_PROCESSES="2", JAXUNLEARN_PROCESS_ID="1")),
+        ]
+        self.logs = [open(folder / f"process{i}.log", "w+") for i in range(2)]
+        self.procs = [subprocess.Popen(["bash", "-c", cmd], env=e, stdout=log, stderr=subprocess.STDOUT)
+                      for (cmd, e), log in zip(launches, self.logs)]
+
+    def wait(self, timeout: float = 300) -> list[tuple[int, str]]:
+        """[(exit status, output)] of both processes (both killed if one is still running at the timeout)."""
+        try:
+            for p in self.procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        out = []
+        for p, log in zip(self.procs, self.logs):
+            log.seek(0)
+            out.append((p.returncode, log.read()))
+            log.close()
+        return out
+
+
 @pytest.mark.slow
 def test_unlearn_two_processes_matches_one(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     one, two = tmp_path / "one", tmp_path / "two"
-    coordinator = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "jaxunlearn.cli"]
-    flags = ["--coordinator", coordinator, "--num-processes", "2", "--process-id", "0"]
     unlearn = ["unlearn", str(config), "--run", str(two)]
     export = ["export-hf", "--run", str(two), "--which", "forget", "--out", str(two / "hf")]
-    # process 0 takes the cluster from flags, process 1 from the environment; each runs unlearn, then export-hf
-    launches = [
-        (f"{shlex.join(command + flags + unlearn)} && {shlex.join(command + flags + export)}", env),
-        (f"{shlex.join(command + unlearn)} && {shlex.join(command + export)}",
-         dict(env, JAXUNLEARN_COORDINATOR=coordinator, JAXUNLEARN_NUM_PROCESSES="2", JAXUNLEARN_PROCESS_ID="1")),
-    ]
-    logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen(["bash", "-c", cmd], env=e, stdout=log, stderr=subprocess.STDOUT)
-             for (cmd, e), log in zip(launches, logs)]
+    cluster = TwoProcesses(tmp_path, lambda i: [unlearn, export])
     try:
         runner.unlearn(load_config(config), one)  # meanwhile: the same run in this 8-device process
-        for p in procs:
-            p.wait(timeout=300)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-        log.close()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+        results = cluster.wait()
+    for status, out in results:
+        assert status == 0, out[-3000:]
         assert "forget model (alpha=4.0, eta=0.5, step 4)" in out and str(two / "hf") in out
 
     # process 0 alone wrote the run-level files: one metrics line per step, as in the 1-process run
@@ -181,3 +199,18 @@ def test_unlearn_two_processes_matches_one(tmp_path):
     forget = _flat(two, "forget")
     assert exported.keys() == forget.keys()
     assert all(np.array_equal(exported[k], forget[k]) for k in forget)
+
+
+@pytest.mark.slow
+def test_run_directory_not_shared_is_one_line_error(tmp_path):
+    """Each process sees its own folder (as with a host's local disk): both stop with one line."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    results = TwoProcesses(tmp_path, lambda i: [["unlearn", str(config), "--run", str(tmp_path / f"local{i}")]]).wait()
+    for i, (status, out) in enumerate(results):
+        assert status == 1, out[-3000:]
+        errors = [line for line in out.splitlines() if "error" in line]
+        config_file = tmp_path / f"local{i}" / ck.CONFIG_FILE
+        assert errors == [f"jaxunlearn unlearn: error: {config_file}: not visible to every process; put the run "
+                          "directory on a filesystem all hosts share (NFS, Filestore, gcsfuse)"]
+    assert not (tmp_path / "local0" / ck.REFERENCE_DIR).exists()

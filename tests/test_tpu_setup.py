@@ -150,7 +150,8 @@ def test_reinstall_copies_the_local_commit(fake):
     assert [_verb(c) for c in calls] == ["describe", "scp", "ssh"]  # no check: --reinstall
     archive = pathlib.Path(calls[1][4])
     assert calls[1][5] == "mox:jaxunlearn.tar.gz" and not archive.exists()  # sent, then removed here
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = commit.stdout.strip()
     assert f"local@{commit}" in _command(calls[2])
 
 

@@ -144,7 +144,7 @@ def random_params(abstract, shardings, seed: int = 0, dtype=None):
             make = partial(lambda k, s, t: (0.02 * jax.random.normal(k, s)).astype(t),
                            jax.random.fold_in(jax.random.key(seed), i), leaf.shape, kind)
         out.append(jax.jit(make, out_shardings=sharding)())
-    return jax.tree_util.tree_unflatten(treedef, [x for x in out])
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def memory_estimate(compiled) -> dict | None:
@@ -276,7 +276,6 @@ def follow_up_checks(cfg: ModelConfig, st: dict, rng: np.random.Generator) -> di
     nbytes = sum(x.nbytes for x in jax.tree.leaves(ref32))
     out["extrapolate"] = {"seconds": ext_s, "GB_per_s_read2_write1": 3 * nbytes / ext_s / 1e9,
                           "mem_deleted_after_donation": bool(jax.tree.leaves(params)[0].is_deleted())}
-    del ref32
 
     # greedy generation with the KV cache (bf16 compute)
     n_new, gen_batch = 64, 16
