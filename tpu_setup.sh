@@ -151,15 +151,16 @@ source_stamp() {  # what identifies the source to install: the repo URL (or "loc
   if [[ -n $REPO ]]; then
     echo "$REPO@$REF"
   else
-    local here
+    local here commit
     here=$(cd "$(dirname "$0")" && pwd)
-    echo "local@$(git -C "$here" rev-parse --verify "$REF^{commit}")"
+    commit=$(git -C "$here" rev-parse --verify --quiet "$REF^{commit}" 2>/dev/null) ||
+      die "$REF is not a commit of a git checkout at $here; pass --ref COMMIT, or --repo URL --ref REF"
+    echo "local@$commit"
   fi
 }
 
 install() {
-  local stamp check
-  stamp=$(source_stamp)
+  local stamp=$1 check
   check="test \"\$(cat $STAMP_FILE 2>/dev/null)\" = $(quote "$stamp") && $VENV/bin/jaxunlearn --help >/dev/null"
   if [[ $DRY_RUN -eq 1 ]]; then
     show gcloud "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command "$check"
@@ -198,6 +199,7 @@ launch() {
   fi
 }
 
+STAMP=$(source_stamp)  # before anything is created: a bad --ref fails here
 ensure_tpu
-install
+install "$STAMP"
 if [[ ${#COMMAND[@]} -gt 0 ]]; then launch; fi

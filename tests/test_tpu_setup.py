@@ -88,6 +88,8 @@ def test_help(fake):
     (["--name", "n"], "--zone (or JAXUNLEARN_TPU_ZONE) is required"),
     (["--name"], "--name: missing value"),
     (["--name", "n", "--zone", "z", "--bogus"], "unknown option --bogus"),
+    (["--name", "n", "--zone", "z", "--ref", "no-such-ref"], f"no-such-ref is not a commit of a git checkout at {REPO}; "
+                                                             "pass --ref COMMIT, or --repo URL --ref REF"),
 ])
 def test_bad_arguments_are_one_line_errors(fake, args, message):
     done, calls = fake(args)
