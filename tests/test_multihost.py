@@ -14,6 +14,7 @@ The reference (initialisation only, no reduction) must be bitwise equal.
 
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,14 +166,16 @@ class TwoProcesses:
         return out
 
 
-@pytest.mark.slow
-def test_unlearn_two_processes_matches_one(tmp_path):
-    config = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(folder, config file, 1-process run, 2-process run); the 2-process one also exported its forget model."""
+    folder = tmp_path_factory.mktemp("multihost")
+    config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = folder / "one", folder / "two"
     unlearn = ["unlearn", str(config), "--run", str(two)]
     export = ["export-hf", "--run", str(two), "--which", "forget", "--out", str(two / "hf")]
-    cluster = TwoProcesses(tmp_path, lambda i: [unlearn, export])
+    cluster = TwoProcesses(folder, lambda i: [unlearn, export])
     try:
         runner.unlearn(load_config(config), one)  # meanwhile: the same run in this 8-device process
     finally:
@@ -180,6 +183,12 @@ def test_unlearn_two_processes_matches_one(tmp_path):
     for status, out in results:
         assert status == 0, out[-3000:]
         assert "forget model (alpha=4.0, eta=0.5, step 4)" in out and str(two / "hf") in out
+    return folder, config, one, two
+
+
+@pytest.mark.slow
+def test_unlearn_two_processes_matches_one(runs):
+    _, _, one, two = runs
 
     # process 0 alone wrote the run-level files: one metrics line per step, as in the 1-process run
     assert (two / ck.CONFIG_FILE).read_text() == (one / ck.CONFIG_FILE).read_text().replace(str(one), str(two))
@@ -199,6 +208,23 @@ def test_unlearn_two_processes_matches_one(tmp_path):
     forget = _flat(two, "forget")
     assert exported.keys() == forget.keys()
     assert all(np.array_equal(exported[k], forget[k]) for k in forget)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bitwise(runs):
+    """A 2-process run cut after its first checkpoint and rerun in 2 processes ends with the
+    same forget models, bit for bit, as the uninterrupted 2-process run."""
+    folder, config, _, two = runs
+    cut = folder / "cut"
+    shutil.copytree(two, cut, ignore=shutil.ignore_patterns("hf"))
+    steps = sorted(int(p.name) for p in (cut / ck.MEMORIZED_DIR).iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    shutil.rmtree(cut / ck.MEMORIZED_DIR / "4")
+    shutil.rmtree(cut / ck.FORGET_DIR)
+    for status, out in TwoProcesses(folder, lambda i: [["unlearn", str(config), "--run", str(cut)]]).wait():
+        assert status == 0, out[-3000:]
+    assert [r["step"] for r in ck.read_metrics(cut) if r.get("event") == "resume"] == [2]
+    assert [m["hash"] for m in ck.list_forget(cut)] == [m["hash"] for m in ck.list_forget(two)]
 
 
 @pytest.mark.slow
