@@ -40,6 +40,7 @@ import yaml
 
 from jaxunlearn.config import read_yaml
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.distributed import barrier, is_primary
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -93,6 +94,12 @@ def _host_array(leaf: Any) -> np.ndarray:
     return np.asarray(jax.device_get(leaf))
 
 
+def host_tree(tree: Any) -> Any:
+    """Every leaf as a full numpy array in this process (gathered from other processes if needed;
+    with several processes, every process must call it)."""
+    return jax.tree.map(_host_array, tree)
+
+
 def params_hash(tree: Any) -> str:
     """sha256 over (path, dtype, shape, bytes) of every leaf, leaves sorted by path.
 
@@ -114,10 +121,6 @@ def tree_summary(tree: Any) -> dict[str, list]:
 
 
 # ----------------------------------------------------------------------------- small files
-
-
-def is_primary() -> bool:
-    return jax.process_index() == 0
 
 
 def _write_text_atomic(path: pathlib.Path, text: str) -> None:
@@ -253,7 +256,7 @@ def _save_params_folder(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    _sync("save_params_folder")
+    barrier("save_params_folder")
     return dest
 
 
@@ -287,13 +290,6 @@ def _broadcast_str(s: str) -> str:
     data = np.frombuffer(s.encode().ljust(1024, b"\0"), dtype=np.uint8)
     out = multihost_utils.broadcast_one_to_all(data)
     return bytes(np.asarray(out)).rstrip(b"\0").decode()
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -408,7 +404,7 @@ class MemorizedCheckpoints:
         if is_primary() and self.directory.is_dir():  # unfinalised steps left by a crash
             for stale in self.directory.glob("*.orbax-checkpoint-tmp*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        _sync("memorized_cleanup")
+        barrier("memorized_cleanup")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -428,6 +424,8 @@ class MemorizedCheckpoints:
     def save(self, step: int, params: Any, opt_state: Any, rng: jax.Array, position: dict) -> None:
         """Start saving step `step` (returns once the arrays are copied off the devices)."""
         key_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+        # a host copy: the key lives on one local device, which Orbax cannot save from several processes
+        key_data = np.asarray(jax.device_get(key_data))
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),

@@ -12,6 +12,9 @@ Exit status (the one exit path of every command):
   2  a usage error (unknown command, bad or missing options)
 Set JAXUNLEARN_DEBUG=1 to get the traceback instead of the one line. Any other exception is a bug
 and keeps its traceback.
+
+Global options (before the command) join a multi-process run; see `jaxunlearn.distributed`:
+    jaxunlearn [--coordinator HOST:PORT --num-processes N --process-id I] COMMAND [args...]
 """
 
 from __future__ import annotations
@@ -36,15 +39,51 @@ EXIT_ERROR = 1  # an expected failure (see the module docstring)
 EXIT_USAGE = 2  # unknown command or bad options (argparse uses 2 too)
 
 
+# global options -> keyword of jaxunlearn.distributed.initialize and the type of its value
+CLUSTER_OPTIONS: dict[str, tuple[str, type]] = {
+    "--coordinator": ("coordinator", str),
+    "--num-processes": ("num_processes", int),
+    "--process-id": ("process_id", int),
+}
+
+
 def _usage() -> str:
-    lines = ["usage: jaxunlearn COMMAND [options]", "", "commands:"]
+    lines = ["usage: jaxunlearn [--coordinator HOST:PORT --num-processes N --process-id I] COMMAND [options]",
+             "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Run `jaxunlearn COMMAND --help` for a command's options."]
+    lines += ["", "Run `jaxunlearn COMMAND --help` for a command's options.",
+              "", "multi-process runs (GPU or CPU clusters; Cloud TPU is detected and needs none of these):",
+              "  --coordinator HOST:PORT  address of process 0's coordinator (env JAXUNLEARN_COORDINATOR)",
+              "  --num-processes N        processes in the run (env JAXUNLEARN_NUM_PROCESSES)",
+              "  --process-id I           this process, 0..N-1 (env JAXUNLEARN_PROCESS_ID)"]
     return "\n".join(lines)
+
+
+def split_cluster_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """Leading global options -> (initialize keywords, the rest of argv)."""
+    found: dict = {}
+    argv = list(argv)
+    while argv and argv[0].split("=", 1)[0] in CLUSTER_OPTIONS:
+        flag, eq, value = argv.pop(0).partition("=")
+        if not eq:
+            if not argv:
+                raise ValueError(f"{flag}: missing value")
+            value = argv.pop(0)
+        key, kind = CLUSTER_OPTIONS[flag]
+        try:
+            found[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{flag}: expected {kind.__name__}, got {value!r}") from None
+    return found, argv
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cluster, argv = split_cluster_options(argv)
+    except ValueError as err:
+        print(f"jaxunlearn: error: {err}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -56,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxunlearn.errors import JaxunlearnError
 
     try:
+        if not {"-h", "--help"} & set(rest):
+            from jaxunlearn import distributed
+
+            distributed.initialize(**cluster)  # before the command touches any device
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except (JaxunlearnError, OSError) as err:
         if os.environ.get("JAXUNLEARN_DEBUG"):

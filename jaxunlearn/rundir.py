@@ -210,9 +210,12 @@ def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
                 f"{run / ck.CONFIG_FILE}: this command's config differs at {', '.join(diff)}; "
                 "rerun with the original settings or use a new run directory"
             )
-        return
-    run.mkdir(parents=True, exist_ok=True)
-    ck.write_config(run, new)
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        ck.write_config(run, new)
+    from jaxunlearn import distributed
+
+    distributed.require_shared(run / ck.CONFIG_FILE)
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

@@ -220,13 +220,17 @@ def extrapolate_run(
 
 def export_run(run, which: str, out, alpha: float | None = None, eta: float | None = None, step: int | None = None):
     """Export a run's parameters (and its tokenizer, when it can be rebuilt) as an HF folder."""
+    from jaxunlearn import distributed
     from jaxunlearn.models import hf, merge_params
 
     run = pathlib.Path(run)
     setup, params, _ = load_run_params(run, which, alpha, eta, step)
     out = pathlib.Path(out)
-    hf.export_hf(merge_params(setup.graphdef, jax.device_get(params)), out)
-    run_tokenizer(run).save_pretrained(str(out))
+    host = ck.host_tree(params)  # every process takes part in gathering shards held elsewhere
+    if ck.is_primary():
+        hf.export_hf(merge_params(setup.graphdef, host), out)
+        run_tokenizer(run).save_pretrained(str(out))
+    distributed.barrier("export_hf")
     return out
 
 

@@ -62,7 +62,8 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     mgr = ck.MemorizedCheckpoints(run, cfg.checkpoint.keep, cfg.checkpoint.async_save, subdir=stage.subdir)
     try:
         state = _start_state(run, mgr, setup, stage, optimizer, opt_shardings, start_params, ref_params, base_key)
-        bar = tqdm(total=n_steps, initial=state.step, desc=stage.name, disable=None, leave=False)
+        bar = tqdm(total=n_steps, initial=state.step, desc=stage.name, disable=None if ck.is_primary() else True,
+                   leave=False)
 
         def on_step(st, metrics):
             bar.update(1)

@@ -1,14 +1,29 @@
-"""GPU/accelerator check: the MOX train step, extrapolation and greedy generation at a
-TinyLlama-like scale, jitted on whatever accelerator JAX sees.
+"""Accelerator check: the MOX train step's tokens/s and MFU at the Llama-3.2-1B and Llama-3.1-8B
+shapes (FSDP over every device present), plus numerical checks at the first shape.
+
+Built from the public API only: `make_train_step` with `get_objective("mox")` and an
+`optim.make_optimizer` AdamW (fp32 parameters and optimiser state, bf16 compute, remat on).
+Parameters are random (speed does not depend on their values).
 
 Reports (JSON on stdout and in --out):
-- bf16-compute vs fp32 logits on the same parameters;
-- MOX memorisation step time, tokens/s and model-FLOPs utilisation (6*N per trained token for
-  forget + retain, 2*N per token for the frozen reference's retain forward; attention FLOPs left out);
-- that the forget NLL falls over repeated steps on one batch;
-- whether two runs of the same steps from the same state give bitwise-equal parameters;
-- extrapolation (donated tree_map) time and effective memory bandwidth;
-- greedy KV-cache generation tokens/s.
+- per shape, the MOX step: compile time, XLA's per-device memory estimate, step time, tokens/s,
+  model TFLOP/s and MFU; a shape whose estimate exceeds the device memory is reported as not
+  fitting instead of run (also when the allocation itself fails);
+- at the first shape: bf16-compute vs fp32 logits; that the forget NLL falls over repeated steps on
+  one batch; whether two replays of 3 steps give bitwise-equal parameters; extrapolation time and
+  bandwidth; greedy KV-cache generation tokens/s.
+
+MFU (model FLOPs utilisation; rematerialisation recompute is not counted, so this is not HFU):
+  per step   FLOPs = 3 * F(B_forget + B_retain)   trained model, forward + backward (= 2 x forward)
+                   + 1 * F(B_retain)              frozen reference, forward only (retain KL)
+  forward    F(B) = B * S * (2 * N_matmul + 2 * L * S * H * D)
+    N_matmul  parameters that multiply activations: all of them, less the input embedding table
+              when it is not tied to the LM head (a lookup is a gather, not a matmul)
+    2*L*S*H*D attention scores and weighted values per token under a causal mask: Q K^T and
+              A V are 2*S*H*D FLOPs each for the full S x S matrix, half of it below the diagonal
+              (L layers, H query heads of size D, S tokens per row; every row is full length)
+  MFU = FLOPs / step time / (peak dense bf16 FLOP/s of one device * number of devices),
+  peak from PEAK_BF16_TFLOPS by device kind (null when the kind is not in the table).
 
 Reproduce:  python experiments/bench/gpu_check.py --out gpu_check.json
 CPU smoke:  python experiments/bench/gpu_check.py --tiny
@@ -38,25 +53,65 @@ from jaxunlearn.models import (
     param_logical_axes,
     split_params,
 )
-from jaxunlearn.objectives.registry import get_objective
+from jaxunlearn.objectives import get_objective
 from jaxunlearn.optim import make_optimizer
-from jaxunlearn.sharding import batch_sharding, make_mesh, param_shardings, shard_params
-from jaxunlearn.train import copy_tree, init_opt_state, make_train_step
+from jaxunlearn.sharding import batch_sharding, check_batch_divisible, make_mesh, param_shardings
+from jaxunlearn.train import copy_tree, make_train_step, opt_state_shardings
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense (no sparsity) bf16 peak TFLOP/s per device; the first name contained in jax's device_kind wins.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0),
+    ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+    ("TPU v6 lite", 918.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v4", 275.0),
+]
+
+# config.json fields of the public checkpoints (what matters for speed: sizes, heads, vocabulary)
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True,
+                         bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False,
+                         bos_token_id=128000, eos_token_id=128001),
+}
+GiB = 2**30
 
 
-def model_config(tiny: bool) -> ModelConfig:
-    if tiny:
+def model_config(shape: str) -> ModelConfig:
+    if shape == "tiny":
         return ModelConfig.preset("tiny-llama", vocab_size=256)
-    # TinyLlama-1.1B's shape with 16 instead of 22 layers (about 0.9B parameters).
-    return ModelConfig.preset("small-llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                              num_layers=16, num_heads=32, num_kv_heads=4, head_dim=64)
+    return ModelConfig.from_hf_dict(SHAPES[shape], source=shape).replace(remat=True)
 
 
-def qa_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict:
-    """Random tokens, right-padded rows of varying length; the last half of each row is the scored answer."""
-    lengths = rng.integers(seq // 2, seq + 1, size=batch)
+def matmul_params(cfg: ModelConfig, n_params: int) -> int:
+    """Parameters that multiply activations (see the module docstring)."""
+    return n_params if cfg.tie_word_embeddings else n_params - cfg.vocab_size * cfg.hidden_size
+
+
+def step_flops(cfg: ModelConfig, n_params: int, batch_forget: int, batch_retain: int, seq: int) -> float:
+    """Model FLOPs of one MOX step (formula in the module docstring)."""
+    per_token = 2 * matmul_params(cfg, n_params) + 2 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim
+
+    def forward(rows):
+        return rows * seq * per_token
+
+    return 3 * forward(batch_forget + batch_retain) + forward(batch_retain)
+
+
+def peak_tflops(kind: str) -> float | None:
+    return next((v for name, v in PEAK_BF16_TFLOPS if name in kind), None)
+
+
+def qa_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, full: bool = False) -> dict:
+    """Random tokens; rows right-padded to varying lengths (every row full length if `full`);
+    the last half of each row is the scored answer."""
+    lengths = np.full(batch, seq) if full else rng.integers(seq // 2, seq + 1, size=batch)
     ids = rng.integers(4, vocab, size=(batch, seq)).astype(np.int32)
     mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
     labels = np.where((np.arange(seq)[None, :] >= lengths[:, None] // 2) & (mask > 0), ids, -100).astype(np.int32)
@@ -72,101 +127,159 @@ def timed(fn, *args, repeat: int = 1):
     return out, (time.perf_counter() - t0) / repeat
 
 
-def peak_tflops() -> float | None:
+def graphdef_and_abstract(cfg: ModelConfig, dtype: str):
+    """(graphdef for compute dtype `dtype`, fp32 parameters as ShapeDtypeStructs); nothing allocated."""
+    return split_params(nnx.eval_shape(lambda: init_model(cfg, seed=0, dtype=dtype)))
+
+
+def random_params(abstract, shardings, seed: int = 0, dtype=None):
+    """Random parameters created in place, shard by shard: normal(0, 0.02), norm scales 1."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    out = []
+    for i, ((path, leaf), sharding) in enumerate(zip(leaves, jax.tree.leaves(shardings))):
+        kind = dtype or leaf.dtype
+        if "norm" in jax.tree_util.keystr(path):
+            make = partial(jnp.ones, leaf.shape, kind)
+        else:
+            make = partial(lambda k, s, t: (0.02 * jax.random.normal(k, s)).astype(t),
+                           jax.random.fold_in(jax.random.key(seed), i), leaf.shape, kind)
+        out.append(jax.jit(make, out_shardings=sharding)())
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def memory_estimate(compiled) -> dict | None:
+    """XLA's per-device memory analysis of a compiled step, in GiB (None where unavailable)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if m is None:
+        return None
+    args, temps, outs = m.argument_size_in_bytes, m.temp_size_in_bytes, m.output_size_in_bytes
+    peak = args + temps + outs - m.alias_size_in_bytes
+    return {"arguments_gib": args / GiB, "temporaries_gib": temps / GiB, "outputs_gib": outs / GiB,
+            "peak_gib": peak / GiB}
+
+
+def device_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["bytes_limit"] / GiB if "bytes_limit" in stats else None
+
+
+def mox_step(cfg: ModelConfig, args, rng: np.random.Generator, keep: bool = False) -> tuple[dict, dict | None]:
+    """Compile the MOX step for `cfg` against abstract arguments, then (if it fits) run and time it.
+    Returns (report, state for the follow-up checks when `keep`)."""
+    mesh = make_mesh(data=1, fsdp=jax.device_count())
+    check_batch_divisible(args.batch, mesh, "--batch")
+    graphdef16, abstract = graphdef_and_abstract(cfg, "bfloat16")
+    shardings = param_shardings(param_logical_axes(abstract), mesh, abstract)
+    n_params = param_count(abstract)
+    optimizer, schedule = make_optimizer(1e-5, total_steps=1000, warmup_steps=0)
+    opt_shardings = opt_state_shardings(optimizer, abstract, shardings, mesh)
+    step = make_train_step(get_objective("mox"), make_apply(graphdef16), optimizer, mesh, shardings, opt_shardings,
+                           schedule=schedule)
+    seq = args.seq
+    batch = {part: qa_batch(rng, args.batch, seq, cfg.vocab_size, full=True) for part in ("forget", "retain")}
+
+    def spec(tree, sh):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+    p_spec = spec(abstract, shardings)
+    ref_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, args.reference_dtype, sharding=x.sharding), p_spec)
+    o_spec = spec(jax.eval_shape(optimizer.init, abstract), opt_shardings)
+    b_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh)), batch)
+    t0 = time.perf_counter()
+    compiled = step.lower(p_spec, o_spec, b_spec, ref_spec).compile()
+    report = {"params": n_params, "matmul_params": matmul_params(cfg, n_params), "devices": jax.device_count(),
+              "mesh": dict(mesh.shape), "batch_forget": args.batch, "batch_retain": args.batch, "seq": seq,
+              "reference_dtype": args.reference_dtype, "remat": cfg.remat,
+              "compile_s": time.perf_counter() - t0, "memory_per_device": memory_estimate(compiled)}
+    limit = device_memory_gib()
+    report["device_memory_gib"] = limit
+    need = (report["memory_per_device"] or {}).get("peak_gib")
+    if limit is not None and need is not None and need > limit:
+        report["fits"] = False
+        return report, None
+    try:
+        params = random_params(abstract, shardings)
+        ref = random_params(abstract, shardings, dtype=args.reference_dtype) if args.reference_dtype != "float32" \
+            else copy_tree(params)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+        batch = jax.device_put(batch, batch_sharding(mesh))
+        params, opt_state, m = compiled(params, opt_state, batch, ref)
+        jax.block_until_ready(params)
+    except Exception as e:  # XLA reports an out-of-memory allocation as RESOURCE_EXHAUSTED
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        report["fits"] = False
+        report["error"] = str(e).splitlines()[0][:300]
+        return report, None
+    report["fits"] = True
+    start = (copy_tree(params), copy_tree(opt_state)) if keep else None
+    nll = [float(m["forget_nll"])]
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        params, opt_state, m = compiled(params, opt_state, batch, ref)
+        nll.append(float(m["forget_nll"]))  # one host sync per step, as the training loop does
+    step_s = (time.perf_counter() - t0) / args.steps
+    flops = step_flops(cfg, n_params, args.batch, args.batch, seq)
     kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
+    peak = peak_tflops(kind)
+    report.update(step_s=step_s, tokens_per_s=2 * args.batch * seq / step_s, model_tflop_per_step=flops / 1e12,
+                  model_tflops_per_s=flops / step_s / 1e12,
+                  peak_tflops_per_device=peak,
+                  mfu=None if peak is None else flops / step_s / 1e12 / (peak * jax.device_count()),
+                  forget_nll_first_last=[nll[0], nll[-1]], finite=bool(m["finite"]))
+    if not keep:
+        return report, None
+    return report, {"step": compiled, "params": params, "ref": ref, "batch": batch, "start": start,
+                    "graphdef16": graphdef16, "abstract": abstract}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
-    ap.add_argument("--batch", type=int, default=8, help="forget and retain batch size each")
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                    "jax": jax.__version__}
-    cfg = model_config(args.tiny)
-    rng = np.random.default_rng(0)
-
-    # bf16 compute vs fp32 on the same fp32 parameters
-    model32 = init_model(cfg, seed=0, dtype="float32")
-    graphdef32, params = split_params(model32)
-    n_params = param_count(params)
-    report["params"] = n_params
-    # the bf16-compute graph applied to the same fp32 parameters (built abstractly: no second copy)
-    graphdef16, _ = split_params(nnx.eval_shape(lambda: init_model(cfg, seed=0, dtype="bfloat16")))
+def bf16_vs_fp32(cfg: ModelConfig, params, graphdef16, rng: np.random.Generator) -> dict:
+    """Logits of bf16 compute vs fp32 compute on the same fp32 parameters."""
+    graphdef32, _ = graphdef_and_abstract(cfg, "float32")
     probe = qa_batch(rng, 4, 64, cfg.vocab_size)
     with jax.default_matmul_precision("highest"):
         l32 = jax.jit(make_apply(graphdef32))(params, probe["input_ids"], probe["attention_mask"])
     l16 = jax.jit(make_apply(graphdef16))(params, probe["input_ids"], probe["attention_mask"])
-    real = probe["attention_mask"][..., None] > 0
-    diff = np.abs(np.asarray(l32) - np.asarray(l16))[np.broadcast_to(real, l32.shape)]
+    l32, l16 = np.asarray(l32, np.float32), np.asarray(l16, np.float32)
+    real = probe["attention_mask"] > 0
+    diff = np.abs(l32 - l16)[real]
     p32, p16 = jax.nn.softmax(l32), jax.nn.softmax(l16)
-    report["bf16_vs_fp32"] = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-                              "logit_std": float(np.asarray(l32).std()),
-                              "max_prob_diff": float(jnp.abs(p32 - p16).max()),
-                              "argmax_agreement": float(np.mean((np.asarray(l32).argmax(-1) == np.asarray(l16).argmax(-1))[probe["attention_mask"] > 0]))}
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "logit_std": float(l32.std()), "max_prob_diff": float(jnp.abs(p32 - p16).max()),
+            "argmax_agreement": float(np.mean((l32.argmax(-1) == l16.argmax(-1))[real]))}
 
-    # MOX memorisation step, bf16 compute, fp32 params and optimiser state
-    mesh = make_mesh()
-    axes = param_logical_axes(model32)
-    shardings = param_shardings(axes, mesh, params)
-    params = shard_params(params, axes, mesh)
-    ref = copy_tree(params)
-    del model32
-    apply16 = make_apply(graphdef16)
-    optimizer, schedule = make_optimizer(1e-4, total_steps=100, warmup_steps=0)
-    opt_state, opt_shardings = init_opt_state(optimizer, params, shardings, mesh)
-    step = make_train_step(get_objective("mox"), apply16, optimizer, mesh, shardings, opt_shardings, schedule=schedule)
-    batch = {"forget": qa_batch(rng, args.batch, args.seq, cfg.vocab_size),
-             "retain": qa_batch(rng, args.batch, args.seq, cfg.vocab_size)}
-    batch = jax.device_put(batch, batch_sharding(mesh))
 
-    t0 = time.perf_counter()
-    params, opt_state, m = step(params, opt_state, batch, ref)
-    jax.block_until_ready(params)
-    report["step_compile_and_first_s"] = time.perf_counter() - t0
-    start = (copy_tree(params), copy_tree(opt_state))
-    nll = [float(m["forget_nll"])]
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        params, opt_state, m = step(params, opt_state, batch, ref)
-        nll.append(float(m["forget_nll"]))  # one host sync per step, as the training loop does
-    step_s = (time.perf_counter() - t0) / args.steps
-    tokens = 2 * args.batch * args.seq
-    flops = 6 * n_params * tokens + 2 * n_params * args.batch * args.seq
-    peak = peak_tflops()
-    report["mox_step"] = {"batch_forget": args.batch, "batch_retain": args.batch, "seq": args.seq,
-                          "step_s": step_s, "tokens_per_s": tokens / step_s,
-                          "model_tflops_per_s": flops / step_s / 1e12,
-                          "mfu": None if peak is None else flops / step_s / 1e12 / peak,
-                          "forget_nll_first_last": [nll[0], nll[-1]], "finite": bool(m["finite"])}
+def follow_up_checks(cfg: ModelConfig, st: dict, rng: np.random.Generator) -> dict:
+    """Determinism, extrapolation and generation on the state left by `mox_step(keep=True)`."""
+    step, ref, batch = st["step"], st["ref"], st["batch"]
+    out = {"bf16_vs_fp32": bf16_vs_fp32(cfg, st["params"], st["graphdef16"], rng)}
 
-    # determinism: replay 3 steps from the saved start twice
     def replay(p, o):
         p, o = copy_tree(p), copy_tree(o)
         for _ in range(3):
             p, o, _ = step(p, o, batch, ref)
         return p
 
-    a, b = replay(*start), replay(*start)
-    report["bitwise_repeatable"] = bool(all(np.array_equal(np.asarray(x), np.asarray(y))
-                                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
-    del a, b, start
+    a, b = replay(*st["start"]), replay(*st["start"])
+    out["bitwise_repeatable"] = bool(all(np.array_equal(np.asarray(x), np.asarray(y))
+                                         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    del a, b, st["start"]
 
     # extrapolation with donation of the memorised params
-    mem = copy_tree(params)
-    jax.block_until_ready(extrapolate(ref, copy_tree(params), 4.0))  # compile
-    forget, ext_s = timed(lambda: extrapolate(ref, mem, 4.0))
-    nbytes = sum(x.nbytes for x in jax.tree.leaves(ref))
-    report["extrapolate"] = {"seconds": ext_s, "GB_per_s_read2_write1": 3 * nbytes / ext_s / 1e9,
-                             "mem_deleted_after_donation": bool(jax.tree.leaves(mem)[0].is_deleted())}
+    params = st.pop("params")
+    ref32 = jax.tree.map(lambda r, p: r.astype(p.dtype), ref, params)
+    jax.block_until_ready(extrapolate(ref32, copy_tree(params), 4.0))  # compile
+    forget, ext_s = timed(lambda: extrapolate(ref32, params, 4.0))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(ref32))
+    out["extrapolate"] = {"seconds": ext_s, "GB_per_s_read2_write1": 3 * nbytes / ext_s / 1e9,
+                          "mem_deleted_after_donation": bool(jax.tree.leaves(params)[0].is_deleted())}
 
     # greedy generation with the KV cache (bf16 compute)
     n_new, gen_batch = 64, 16
-    gen = make_generate_fn(make_decode(graphdef16), partial(init_cache, cfg, dtype=jnp.bfloat16),
+    gen = make_generate_fn(make_decode(st["graphdef16"]), partial(init_cache, cfg, dtype=jnp.bfloat16),
                            max_new_tokens=n_new, eos_id=None, pad_id=0)
     prompts = qa_batch(rng, gen_batch, 64, cfg.vocab_size)
     left_ids = np.zeros_like(prompts["input_ids"])
@@ -176,8 +289,36 @@ def main(argv=None) -> int:
         left_ids[i, -n:], left_mask[i, -n:] = ids[:n], 1
     timed(gen, forget, left_ids, left_mask)  # compile
     _, gen_s = timed(gen, forget, left_ids, left_mask, repeat=3)
-    report["generate"] = {"batch": gen_batch, "new_tokens": n_new, "seconds": gen_s,
-                          "tokens_per_s": gen_batch * n_new / gen_s}
+    out["generate"] = {"batch": gen_batch, "new_tokens": n_new, "seconds": gen_s,
+                       "tokens_per_s": gen_batch * n_new / gen_s}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny model only (CPU smoke test)")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES),
+                    help="shapes to time (the first also gets the numerical checks)")
+    ap.add_argument("--batch", type=int, default=8, help="forget and retain rows each (global, over all devices)")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--reference-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="dtype the frozen reference is held in")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.shapes, args.seq, args.steps = ["tiny"], min(args.seq, 64), min(args.steps, 5)
+    report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                    "devices": jax.device_count(), "jax": jax.__version__, "mox_step": {}}
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate(args.shapes):
+        cfg = model_config(shape)
+        step_report, state = mox_step(cfg, args, rng, keep=i == 0)
+        report["mox_step"][shape] = step_report
+        if state is not None:
+            report["checks"] = dict(follow_up_checks(cfg, state, rng), shape=shape)
+        del state
+        print(json.dumps({shape: step_report}), flush=True)  # partial results survive a later failure
 
     text = json.dumps(report, indent=2)
     print(text)
