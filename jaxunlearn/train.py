@@ -24,11 +24,22 @@ train_loop(step_fn, state, ref_params, batches_from, n_steps, on_step) runs micr
 state.step .. n_steps-1. `batches_from(k)` must return an iterator starting at micro-step k,
 so resuming from a restored state at step k replays exactly the batches an uninterrupted
 run would have seen; all state that changes across steps is in TrainState.
+
+Preemption: while train_loop runs (in the main thread), SIGTERM and SIGINT only set a flag; the
+step in flight finishes, on_step runs for it (so the caller's logging and checkpoint schedule see
+it), and the loop raises `Interrupted` carrying that state. The caller writes a checkpoint of
+`err.state` and exits with `err.exit_code` (143 for SIGTERM, 130 for SIGINT) after printing
+`err` ("interrupted at step N; rerun the same command to resume"). A second signal of either
+kind stops at once (Interrupted without a state). `interruptible()` makes SIGTERM behave like
+Ctrl-C (an `Interrupted` exception) around code outside the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -47,6 +58,67 @@ class NonFiniteError(FloatingPointError):
         super().__init__(message)
         self.state = state
         self.metrics = metrics
+
+
+class Interrupted(Exception):
+    """SIGTERM / SIGINT stopped a command; `.state` is the TrainState after the last finished step
+    (None when the signal arrived outside the training loop)."""
+
+    def __init__(self, signum: int, state: "TrainState | None" = None):
+        self.signum = signum
+        self.state = state
+        where = f"at step {state.step}" if state is not None else "before the next checkpoint"
+        super().__init__(f"interrupted {where}; rerun the same command to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopFlag:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """Within the block (main thread only) SIGTERM/SIGINT set the yielded flag; a second one raises."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.signum is not None:
+            raise Interrupted(signum)
+        flag.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Within the block (main thread only) SIGTERM and SIGINT raise Interrupted (no state)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclasses.dataclass
@@ -172,12 +244,19 @@ def train_loop(
     on_step(state, metrics) runs after every finite step with the new state (state.step already
     incremented) and host metrics; it may return a replacement state (e.g. with updated extras)
     or None. put_batch turns a host batch into device arrays (e.g. data.to_global); default:
-    passed to the jitted step as is.
+    passed to the jitted step as is. SIGTERM/SIGINT end the loop after the step in flight with
+    `Interrupted(signum, state)` (see the module docstring).
     """
     if state.step >= n_steps:
         return state
-    batches = iter(batches_from(state.step))
+    with _deferred_signals() as stop:
+        return _loop(step_fn, state, ref_params, iter(batches_from(state.step)), n_steps, on_step, put_batch, stop)
+
+
+def _loop(step_fn, state, ref_params, batches, n_steps, on_step, put_batch, stop: _StopFlag) -> TrainState:
     while state.step < n_steps:
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, state)
         try:
             batch = next(batches)
         except StopIteration:
@@ -199,6 +278,8 @@ def train_loop(
             replaced = on_step(state, metrics)
             if replaced is not None:
                 state = replaced
+    if stop.signum is not None:
+        raise Interrupted(stop.signum, state)
     return state
 
 
