@@ -2,7 +2,16 @@
 
 Each subcommand lives in its own module and is imported only when used, so that
 `jaxunlearn --help` is fast and one module's import cost does not slow the others.
-A subcommand is a function `main(argv: list[str]) -> int`.
+A subcommand is a function `main(argv: list[str]) -> int` that raises on failure.
+
+Exit status (the one exit path of every command):
+  0  success
+  1  an expected failure: a `jaxunlearn.errors.JaxunlearnError` (bad config, data, checkpoint,
+     non-finite step, ...) or an OS error (missing file, permission, disk full); stderr gets one
+     line `jaxunlearn CMD: error: MESSAGE`, and checkpoints already written are kept
+  2  a usage error (unknown command, bad or missing options)
+Set JAXUNLEARN_DEBUG=1 to get the traceback instead of the one line. Any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,10 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("jaxunlearn.data.cli", "main", "validate a benchmark and print its split sizes"),
 }
 
-# Expected failures (bad config, bad data, missing files, hash mismatches, non-finite losses) are raised
-# as these types with a message naming what is wrong; the CLI prints that one line and exits non-zero.
-# Set JAXUNLEARN_DEBUG=1 to see the full traceback instead.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+EXIT_ERROR = 1  # an expected failure (see the module docstring)
+EXIT_USAGE = 2  # unknown command or bad options (argparse uses 2 too)
 
 
 def _usage() -> str:
@@ -43,16 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"jaxunlearn: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module, func, _ = COMMANDS[name]
+    from jaxunlearn.errors import JaxunlearnError
+
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except USER_ERRORS as err:
+    except (JaxunlearnError, OSError) as err:
         if os.environ.get("JAXUNLEARN_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"jaxunlearn {name}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

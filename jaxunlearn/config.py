@@ -31,8 +31,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from jaxunlearn.errors import JaxunlearnError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaxunlearnError, ValueError):
     """A config file or override is malformed: the message names the key and the problem."""
 
 
@@ -367,7 +369,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | t
     else:
         p = pathlib.Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}")
         cfg = from_dict(read_yaml(p), where=str(p))
     return apply_overrides(cfg, overrides)
 

@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn.config import check_alpha
+from jaxunlearn.errors import JaxunlearnError
 
 Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 RULES: dict[str, Rule] = {}
 
 
-class UnknownRuleError(ValueError):
+class UnknownRuleError(JaxunlearnError, ValueError):
     """No extrapolation rule of that name."""
 
 

@@ -65,7 +65,7 @@ def test_yaml_roundtrip_and_file_errors(tmp_path):
     bad.write_text("train: 5\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml\.train: expected a mapping"):
         load_config(bad)
-    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+    with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
     bad.write_text("train:\n  lr: [1e-5\n  epochs: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML .*line 2") as err:

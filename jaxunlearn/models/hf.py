@@ -26,6 +26,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxunlearn.errors import JaxunlearnError
 from jaxunlearn.models.config import ModelConfig
 from jaxunlearn.models.decoder import CausalLM, split_params
 
@@ -34,7 +35,7 @@ EXPORT_MARKER = "jaxunlearn_export.json"  # marks a folder written by export_hf 
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxunlearnError, ValueError):
     """A checkpoint folder does not match the architecture its config describes."""
 
 
