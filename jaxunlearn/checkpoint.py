@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from jaxunlearn.config import read_yaml
-from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.errors import JaxunlearnError, WriteError, is_write_failure, write_error
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -69,34 +69,7 @@ class RunNotFoundError(JaxunlearnError, FileNotFoundError):
     """A run directory, or a checkpoint inside it, does not exist."""
 
 
-class CheckpointWriteError(OSError):
-    """Writing into the run directory failed (disk full, read-only, permissions); what was
-    already there is unchanged and nothing half-written looks complete."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "") if text else type(e).__name__
-
-
-def write_error(where: Any, e: BaseException, what: str) -> CheckpointWriteError:
-    """One-line CheckpointWriteError for a failed write of `what` at `where` (cause named plainly)."""
-    text = str(e)
-    code = getattr(e, "errno", None)
-    if code == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
-        cause = "no space left on device"
-    elif code == errno.EROFS or "Read-only file system" in text:
-        cause = "read-only file system"
-    elif code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
-        cause = "permission denied"
-    else:
-        cause = _first_line(e)
-    err = CheckpointWriteError(
-        f"{where}: cannot write {what}: {cause}; files already in the run directory are unchanged, "
-        "free space or fix permissions and rerun the same command"
-    )
-    err.errno = code if code is not None else (errno.ENOSPC if cause.startswith("no space") else None)
-    return err
+CheckpointWriteError = WriteError  # writing into the run directory failed (see errors.write_error)
 
 
 class _QuietOrbax(logging.Filter):
@@ -338,9 +311,9 @@ def _save_params_folder(
     except Exception as e:
         if is_primary():
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, CheckpointWriteError):
+        if isinstance(e, WriteError):
             raise
-        if isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in str(e) or "Read-only" in str(e):
+        if is_write_failure(e):
             raise write_error(dest, e, f"{what} checkpoint") from e
         raise
     _sync("save_params_folder")
@@ -543,7 +516,7 @@ class MemorizedCheckpoints:
             return fn()
         except Exception as e:
             self._failed = True
-            if isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in str(e) or "Read-only" in str(e):
+            if is_write_failure(e):
                 where = self.directory if step is None else self.directory / str(step)
                 raise write_error(where, e, f"checkpoint (last complete step: {self._last_complete()})") from e
             raise

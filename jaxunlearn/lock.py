@@ -26,10 +26,12 @@ import socket
 import sys
 import time
 
+from jaxunlearn.errors import JaxunlearnError, write_error
+
 LOCK_FILE = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(JaxunlearnError, RuntimeError):
     """Another process is writing to this run directory."""
 
 
@@ -69,8 +71,11 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._fd is not None:
             return self
-        self.run.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(self.run, e, "into the run directory (lock file)") from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

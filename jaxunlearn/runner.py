@@ -36,29 +36,64 @@ import pathlib
 import jax
 
 from jaxunlearn import checkpoint as ck
-from jaxunlearn.config import ConfigError, RunConfig, load_config
+from jaxunlearn.config import ConfigError, RunConfig, check_alpha, load_config, to_dict
 from jaxunlearn.errors import RunError
-from jaxunlearn.rundir import (FINETUNE_DIR, check_or_write_config, encode, initial_params, load_benchmark,
-                               load_run_params, load_tokenizer, reference_for, reference_meta,
+from jaxunlearn.lock import run_lock
+from jaxunlearn.rundir import (FINETUNE_DIR, check_max_len, check_reference_source, check_or_write_config, encode, initial_params,
+                               load_benchmark, load_run_params, load_tokenizer, reference_for, reference_meta,
                                reference_tokenizer_folder, resolve_run, run_setup, run_tokenizer)
 from jaxunlearn.stage import Stage, train_stage
+
+# what `--overwrite` removes before a command starts the run directory afresh
+RUN_CONTENT = (ck.CONFIG_FILE, ck.REFERENCE_DIR, FINETUNE_DIR, ck.MEMORIZED_DIR, ck.FORGET_DIR, ck.METRICS_FILE)
+
+
+def start_afresh(run: pathlib.Path) -> None:
+    """Remove what an earlier command wrote into RUN (config, checkpoints, forget models, metrics);
+    other files (e.g. evaluation results) stay. Used by --overwrite, under the run lock."""
+    import shutil
+
+    for name in RUN_CONTENT:
+        path = run / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 # ----------------------------------------------------------------------------- commands (Python API)
 
 
-def finetune(cfg: RunConfig, run: str | pathlib.Path | None = None, split: str = "full") -> pathlib.Path:
-    """Fine-tune cfg.model on benchmark split `split`; RUN/reference holds the result."""
-    from jaxunlearn.data import PairedIterator
-    from jaxunlearn.objectives import get_objective
+def finetune(
+    cfg: RunConfig, run: str | pathlib.Path | None = None, split: str = "full", overwrite: bool = False
+) -> pathlib.Path:
+    """Fine-tune cfg.model on benchmark split `split`; RUN/reference holds the result.
 
+    overwrite: start RUN afresh (see start_afresh) instead of resuming or refusing a different setting.
+    """
     cfg, run = resolve_run(dataclasses.replace(cfg, method="finetune"), run)
     bench = load_benchmark(cfg.data)
     rows = getattr(bench, split, None)
     if not isinstance(rows, list) or not rows or not isinstance(rows[0], (dict, str)):
         raise RunError(f"--split {split!r}: not a non-empty split of benchmark {bench.name}")
-    check_or_write_config(cfg, run)
+    with run_lock(run, "jaxunlearn finetune"):
+        if overwrite:
+            start_afresh(run)
+        if ck.has_reference(run):
+            done_on = ck.read_meta(ck.reference_path(run)).get("source", {}).get("finetuned_on")
+            if done_on != split:
+                raise RunError(f"{ck.reference_path(run)}: this run's reference was trained on split {done_on}, not "
+                               f"{split}; use a new run directory, or --overwrite to start this one afresh")
+        check_or_write_config(cfg, run)
+        return _finetune(cfg, run, split, bench, rows)
+
+
+def _finetune(cfg: RunConfig, run: pathlib.Path, split: str, bench, rows) -> pathlib.Path:
+    from jaxunlearn.data import PairedIterator
+    from jaxunlearn.objectives import get_objective
+
     tokenizer = load_tokenizer(cfg, bench)
     setup, params, source = initial_params(cfg, tokenizer)
+    check_max_len(cfg, setup.model_cfg)
     examples = encode(tokenizer, cfg, rows)
     it = PairedIterator(examples, examples, cfg.train.batch_size, cfg.train.seed, cfg.data.buckets, tokenizer.pad_token_id)
     stage = Stage(
@@ -68,6 +103,7 @@ def finetune(cfg: RunConfig, run: str | pathlib.Path | None = None, split: str =
         batch_at=lambda i: {"train": it.batch_at(i)["forget"]},
         micro_steps_per_epoch=it.steps_per_epoch,
         reference_hash=None,
+        data_tag=f"split {split}",
     )
     from jaxunlearn.train import copy_tree
 
@@ -84,22 +120,37 @@ def finetune(cfg: RunConfig, run: str | pathlib.Path | None = None, split: str =
 def unlearn(
     cfg: RunConfig, run: str | pathlib.Path | None = None, reference: str | None = None, overwrite: bool = False
 ) -> pathlib.Path:
-    """Memorise the forget set from the reference and write the forget model(s)."""
+    """Memorise the forget set from the reference and write the forget model(s).
+
+    reference: a run directory or HF folder, or "random" (a random init of model.preset); required
+    unless RUN already has a reference or model.hf_folder is set. overwrite: start RUN afresh.
+    """
     from jaxunlearn import extrapolate as ex
-    from jaxunlearn.data import PairedIterator, target_rows
-    from jaxunlearn.objectives import objective_from_spec
-    from jaxunlearn.train import copy_tree
 
     cfg, run = resolve_run(cfg, run)
     if cfg.method != "mox":
         raise RunError(f"method: {cfg.method!r} is not available here (unlearn runs method 'mox')")
     ex.get_rule(cfg.mox.rule)  # an unknown rule must fail now, not after the whole memorisation run
-    check_or_write_config(cfg, run)
     bench = load_benchmark(cfg.data)
+    with run_lock(run, "jaxunlearn unlearn"):
+        if overwrite:
+            start_afresh(run)
+        check_reference_source(cfg, run, reference)
+        check_or_write_config(cfg, run)
+        return _unlearn(cfg, run, reference, bench)
+
+
+def _unlearn(cfg: RunConfig, run: pathlib.Path, reference: str | None, bench) -> pathlib.Path:
+    from jaxunlearn import extrapolate as ex
+    from jaxunlearn.data import PairedIterator, target_rows
+    from jaxunlearn.objectives import objective_from_spec
+    from jaxunlearn.train import copy_tree
+
     # a rerun (maybe without --reference) keeps the tokenizer recorded with the run's reference
     recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
     tokenizer = load_tokenizer(cfg, bench, recorded or reference_tokenizer_folder(reference))
     setup, ref_params, ref_hash = reference_for(cfg, run, reference, tokenizer)
+    check_max_len(cfg, setup.model_cfg)
     if len(tokenizer) > setup.model_cfg.vocab_size:
         raise RunError(f"tokenizer has {len(tokenizer)} tokens but the reference model's vocab_size is "
                          f"{setup.model_cfg.vocab_size}; set data.tokenizer to the reference's tokenizer")
@@ -129,9 +180,9 @@ def unlearn(
         fresh = mgr.latest_step() is None
     start = copy_tree(ref_params) if fresh else None  # the trainable copy (donated by the step)
     state, n_steps = train_stage(run, cfg, setup, stage, start, ref_params)
-    write_forget(run, ref_params, state.params, alpha, n_steps, overwrite, cfg.mox.rule)
+    write_forget(run, ref_params, state.params, alpha, n_steps, False, cfg.mox.rule)
     if cfg.mox.momentum:
-        _write_forget_params(run, state.extras["momentum"], alpha, n_steps, eta, overwrite, cfg.mox.rule)
+        _write_forget_params(run, state.extras["momentum"], alpha, n_steps, eta, False, cfg.mox.rule)
     return run
 
 
@@ -161,13 +212,18 @@ def extrapolate_run(
     """Write RUN/forget/alpha_A for every alpha (default: the run's mox.alphas) from the
     reference and a memorised step (default: the latest)."""
     run = pathlib.Path(run)
+    alphas = [check_alpha(a, f"--alpha {a}") for a in alphas or []]  # all checked before any is written
     cfg, _ = run_setup(run)
-    setup, ref_params, _ = load_run_params(run, "reference")
-    _, mem_params, position = load_run_params(run, "memorized", step=step, mesh=setup.mesh)
-    if position.get("reference_hash") != ck.reference_hash(run):
-        raise ck.HashMismatchError(f"{run}/{ck.MEMORIZED_DIR}: memorised step was not trained from this run's reference")
-    alphas = list(cfg.mox.alphas) if not alphas else alphas
-    return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite, cfg.mox.rule) for a in alphas]
+    if cfg.method == "finetune":
+        raise RunError(f"{run}: is a finetune run (a reference model): it has no memorised model to extrapolate; "
+                       f"run `jaxunlearn unlearn --reference {run} --run NEW_RUN` first")
+    with run_lock(run, "jaxunlearn extrapolate"):
+        setup, ref_params, _ = load_run_params(run, "reference")
+        _, mem_params, position = load_run_params(run, "memorized", step=step, mesh=setup.mesh)
+        if position.get("reference_hash") != ck.reference_hash(run):
+            raise ck.HashMismatchError(f"{run}/{ck.MEMORIZED_DIR}: memorised step was not trained from this run's reference")
+        alphas = alphas or list(cfg.mox.alphas)
+        return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite, cfg.mox.rule) for a in alphas]
 
 
 def export_run(run, which: str, out, alpha: float | None = None, eta: float | None = None, step: int | None = None):
@@ -175,14 +231,21 @@ def export_run(run, which: str, out, alpha: float | None = None, eta: float | No
     from jaxunlearn.models import hf, merge_params
 
     run = pathlib.Path(run)
-    setup, params, _ = load_run_params(run, which, alpha, eta, step)
+    setup, params, meta = load_run_params(run, which, alpha, eta, step)
+    cfg, _ = run_setup(run)
+    info = {"run": str(run.absolute()), "which": which, "alpha": meta.get("alpha"), "eta": meta.get("eta"),
+            "step": meta.get("step", meta.get("source_step")), "data": to_dict(cfg.data)}
     out = pathlib.Path(out)
-    hf.export_hf(merge_params(setup.graphdef, jax.device_get(params)), out)
+    hf.export_hf(merge_params(setup.graphdef, jax.device_get(params)), out, info=info)
     run_tokenizer(run).save_pretrained(str(out))
     return out
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+OVERWRITE_HELP = ("start the run directory afresh: delete its config, checkpoints, forget models and metrics "
+                  "(other files stay), e.g. to rerun a failed or finished run with a changed setting")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -206,9 +269,10 @@ def finetune_main(argv: list[str]) -> int:
     _config_args(p)
     p.add_argument("--split", default="full", help="benchmark split to train on (full, retain, forget, ...)")
     p.add_argument("--hf-out", help="also export the trained model as an HF folder here")
-    a = p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a = p.parse_intermixed_args(argv)
 
-    run = finetune(_load_cli_config(a.args), a.run, a.split)
+    run = finetune(_load_cli_config(a.args), a.run, a.split, a.overwrite)
     if a.hf_out:
         export_run(run, "reference", a.hf_out)
     print(f"reference written to {ck.reference_path(run)}")
@@ -218,9 +282,10 @@ def finetune_main(argv: list[str]) -> int:
 def unlearn_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxunlearn unlearn", description="MOX unlearning: memorise then extrapolate")
     _config_args(p)
-    p.add_argument("--reference", help="run directory or HF folder of the reference (if RUN has none yet)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, different forget checkpoint")
-    a = p.parse_args(argv)
+    p.add_argument("--reference", help="run directory or HF folder of the reference (if RUN has none yet), "
+                                       "or 'random' for a random initialisation of model.preset")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a = p.parse_intermixed_args(argv)
 
     run = unlearn(_load_cli_config(a.args), a.run, a.reference, a.overwrite)
     for m in ck.list_forget(run):
@@ -233,7 +298,7 @@ def extrapolate_main(argv: list[str]) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--alpha", type=float, nargs="+", help="alphas to write (default: mox.alphas of the run)")
     p.add_argument("--step", type=int, help="memorised step to use (default: latest)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing, different forget models")
     a = p.parse_args(argv)
 
     for path in extrapolate_run(a.run, a.alpha, a.step, a.overwrite):

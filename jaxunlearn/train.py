@@ -36,10 +36,7 @@ Ctrl-C (an `Interrupted` exception) around code outside the loop.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
-import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -49,6 +46,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.interrupt import Interrupted, StopFlag, deferred_signals
 from jaxunlearn.sharding import batch_sharding, replicated
 
 
@@ -59,67 +57,6 @@ class NonFiniteError(JaxunlearnError, FloatingPointError):
         super().__init__(message)
         self.state = state
         self.metrics = metrics
-
-
-class Interrupted(Exception):
-    """SIGTERM / SIGINT stopped a command; `.state` is the TrainState after the last finished step
-    (None when the signal arrived outside the training loop)."""
-
-    def __init__(self, signum: int, state: "TrainState | None" = None):
-        self.signum = signum
-        self.state = state
-        where = f"at step {state.step}" if state is not None else "before the next checkpoint"
-        super().__init__(f"interrupted {where}; rerun the same command to resume")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class _StopFlag:
-    signum: int | None = None
-
-
-@contextlib.contextmanager
-def _deferred_signals():
-    """Within the block (main thread only) SIGTERM/SIGINT set the yielded flag; a second one raises."""
-    flag = _StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag.signum is not None:
-            raise Interrupted(signum)
-        flag.signum = signum
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def interruptible():
-    """Within the block (main thread only) SIGTERM and SIGINT raise Interrupted (no state)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 @dataclasses.dataclass
@@ -250,11 +187,11 @@ def train_loop(
     """
     if state.step >= n_steps:
         return state
-    with _deferred_signals() as stop:
+    with deferred_signals() as stop:
         return _loop(step_fn, state, ref_params, iter(batches_from(state.step)), n_steps, on_step, put_batch, stop)
 
 
-def _loop(step_fn, state, ref_params, batches, n_steps, on_step, put_batch, stop: _StopFlag) -> TrainState:
+def _loop(step_fn, state, ref_params, batches, n_steps, on_step, put_batch, stop: StopFlag) -> TrainState:
     while state.step < n_steps:
         if stop.signum is not None:
             raise Interrupted(stop.signum, state)
