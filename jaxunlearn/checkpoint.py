@@ -6,7 +6,8 @@ Layout of a run directory RUN:
   RUN/reference/meta.json     content hash of those parameters; written last, so its
                               presence marks the reference as complete
   RUN/memorized/<step>/       Orbax CheckpointManager steps: items "params", "opt_state",
-                              "rng" (key data) and "position" (JSON: step, epoch, ...)
+                              "rng" (key data) and "position" (JSON: step, epoch, ..., and
+                              "hashes": content hashes of params, opt_state and rng)
   RUN/forget/<name>/          forget parameters, one folder per alpha (and eta), with
                               meta.json holding alpha, eta, source step and content hash
   RUN/metrics.jsonl           one JSON object per line, appended
@@ -15,6 +16,13 @@ Writes of the reference and forget folders go to a hidden temporary folder that 
 into place only once complete; a leftover temporary folder (after a crash) is ignored and
 removed by the next write. The memorised steps rely on Orbax's own temporary-folder +
 finalise protocol, and a step is listed only once finalised.
+
+Every read is verified against the recorded content hash (reference, forget, and each item of a
+memorised step), so a damaged checkpoint stops with HashMismatchError / CheckpointError instead of
+flowing into later models. A write that fails (disk full, read-only, permissions) raises one
+`errors.WriteError` line; the error logs of Orbax's background threads are silenced (they repeat
+that one failure per array shard) unless JAXUNLEARN_DEBUG is set, and reference/forget folders are
+written with a synchronous checkpointer so a failure cannot leave a background thread waiting.
 
 Parameters are any pytree of jax arrays (e.g. an `nnx.State` of `nnx.Param`). Restores take an
 abstract target (`abstract_tree`) whose leaves carry the shardings wanted now, so a checkpoint
@@ -73,21 +81,58 @@ CheckpointWriteError = WriteError  # writing into the run directory failed (see 
 
 
 class _QuietOrbax(logging.Filter):
-    """Drops Orbax's own error logs (tracebacks of background threads): the failure is raised to the
-    caller as one CheckpointWriteError / CheckpointError. JAXUNLEARN_DEBUG=1 keeps them."""
+    """Drops the error logs of Orbax's background threads and asyncio tasks (one traceback per array
+    shard on a full disk): the failure itself is raised to the caller as one WriteError or
+    CheckpointError. JAXUNLEARN_DEBUG=1 keeps them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "orbax" not in record.pathname or record.levelno < logging.ERROR or bool(os.environ.get("JAXUNLEARN_DEBUG"))
+        if record.levelno < logging.ERROR or os.environ.get("JAXUNLEARN_DEBUG"):
+            return True
+        if "orbax" in record.pathname:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None:  # an asyncio task of Orbax's that failed
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return "orbax" not in record.getMessage()
 
 
 _QUIET = _QuietOrbax()
 
 
+def _late_callback_error(exc_type, exc, tb) -> bool:
+    """TensorStore completing a write after Orbax closed its event loop (after a failed save):
+    'Event loop is closed' raised in asyncio's call_soon_threadsafe, reported as unraisable."""
+    if exc_type is not RuntimeError or "Event loop is closed" not in str(exc):
+        return False
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _quiet_orbax_errors() -> None:
-    for name in ("absl", ""):
+    import sys
+
+    for name in ("absl", "asyncio", ""):
         logger = logging.getLogger(name)
         if _QUIET not in logger.filters:
             logger.addFilter(_QUIET)
+    if getattr(sys.unraisablehook, "_jaxunlearn_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if os.environ.get("JAXUNLEARN_DEBUG") or not _late_callback_error(
+            unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback
+        ):
+            previous(unraisable)
+
+    hook._jaxunlearn_quiet = True
+    sys.unraisablehook = hook
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -508,17 +553,21 @@ class MemorizedCheckpoints:
             rng=ocp.args.StandardSave(rng_item),
             position=ocp.args.JsonSave(dict({k: _plain(v) for k, v in position.items()}, hashes=hashes)),
         )
-        self._guard(lambda: self.manager.save(step, args=args, force=True), step)
+        self._guard(lambda: self.manager.save(step, args=args, force=True))
 
-    def _guard(self, fn, step: int | None = None):
+    def _guard(self, fn):
         """Run a manager call that may write; Orbax write failures become one CheckpointWriteError."""
         try:
             return fn()
         except Exception as e:
             self._failed = True
             if is_write_failure(e):
-                where = self.directory if step is None else self.directory / str(step)
-                raise write_error(where, e, f"checkpoint (last complete step: {self._last_complete()})") from e
+                try:  # let saves already in flight finish, so the message names the last complete step
+                    self.manager.wait_until_finished()
+                except Exception:
+                    pass
+                # an asynchronous save fails when a later call waits for it: name the folder, not a step
+                raise write_error(self.directory, e, f"checkpoint (last complete step: {self._last_complete()})") from e
             raise
 
     def _last_complete(self) -> str:

@@ -40,39 +40,37 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def deferred_signals():
-    """Within the block (main thread only) SIGTERM/SIGINT set the yielded flag; a second one raises."""
-    flag = StopFlag()
+def _handling(handler):
+    """`handler` for SIGTERM and SIGINT within the block (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield
         return
-
-    def handler(signum, frame):
-        if flag.signum is not None:
-            raise Interrupted(signum)
-        flag.signum = signum
-
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield flag
+        yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
 
 
 @contextlib.contextmanager
-def interruptible():
-    """Within the block (main thread only) SIGTERM and SIGINT raise Interrupted (no state)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def deferred_signals():
+    """Within the block SIGTERM/SIGINT set the yielded flag; a second one raises Interrupted."""
+    flag = StopFlag()
 
     def handler(signum, frame):
-        raise Interrupted(signum)
+        if flag.signum is not None:
+            raise Interrupted(signum)
+        flag.signum = signum
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    with _handling(handler):
+        yield flag
+
+
+def _raise(signum, frame):
+    raise Interrupted(signum)
+
+
+def interruptible():
+    """Within the block SIGTERM and SIGINT raise Interrupted (no state), as Ctrl-C raises KeyboardInterrupt."""
+    return _handling(_raise)

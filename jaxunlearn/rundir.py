@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -165,11 +166,11 @@ def encode(tokenizer, cfg: RunConfig, rows: list) -> list[dict]:
     if rows and isinstance(rows[0], str):
         return encode_texts(tokenizer, rows, cfg.data.max_len)
     fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
-    examples = encode_rows(tokenizer, fmt, rows, cfg.data.max_len)
+    with warnings.catch_warnings(record=True) as truncation:  # shown below unless refused
+        warnings.simplefilter("always")
+        examples = encode_rows(tokenizer, fmt, rows, cfg.data.max_len)
     lost = sum(all(t == IGNORE for t in ex["labels"]) for ex in examples)
     if lost:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             full = encode_rows(tokenizer, fmt, rows, 1 << 30)
@@ -180,6 +181,8 @@ def encode(tokenizer, cfg: RunConfig, rows: list) -> list[dict]:
             f"token to train on); set data.max_len (and data.buckets) to at least {need_one} "
             f"({need_all} keeps every answer whole)"
         )
+    for w in truncation:
+        warnings.warn(w.message, w.category, stacklevel=2)
     return examples
 
 
@@ -210,7 +213,7 @@ def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
         if diff:
             raise RunConfigMismatchError(
                 f"{run / ck.CONFIG_FILE}: this command's config differs at {', '.join(diff)}; "
-                "rerun with the original settings or use a new run directory"
+                "rerun with the original settings, use a new run directory, or pass --overwrite to start this one afresh"
             )
         return
     run.mkdir(parents=True, exist_ok=True)

@@ -1,24 +1,28 @@
 """Command-line runs: finetune, unlearn (MOX), extrapolate, export-hf.
 
-    jaxunlearn finetune [CONFIG.yaml] [key=value ...] --run DIR [--split full] [--hf-out DIR]
-    jaxunlearn unlearn  [CONFIG.yaml] [key=value ...] --run DIR [--reference PATH] [--overwrite]
+    jaxunlearn finetune [CONFIG.yaml] [key=value ...] --run DIR [--split full] [--hf-out DIR] [--overwrite]
+    jaxunlearn unlearn  [CONFIG.yaml] [key=value ...] --run DIR [--reference PATH|random] [--overwrite]
     jaxunlearn extrapolate --run DIR [--alpha A [A ...]] [--step S] [--overwrite]
     jaxunlearn export-hf --run DIR --which forget|memorized|reference [--alpha A] [--eta E] [--step S] --out DIR
 
-A run directory is laid out as in `jaxunlearn.checkpoint`. `finetune` trains a model on a
-benchmark split (from an HF folder, `model.hf_folder`, or a random initialisation of
-`model.preset`), checkpointing to RUN/finetune/, and writes the result as RUN/reference, so its
-run directory (or the HF folder of --hf-out) is the reference of a later `unlearn`.
-`unlearn` takes its reference from, in order: RUN/reference if present, --reference (a run
-directory or an HF folder), `model.hf_folder`, or a random initialisation of `model.preset`; it
-trains the memorisation model (RUN/memorized/) and writes the forget model for `mox.alpha`
-(and the momentum forget model when `mox.momentum`).
+(key=value overrides may also follow --run.) A run directory is laid out as in
+`jaxunlearn.checkpoint`. `finetune` trains a model on a benchmark split (from an HF folder,
+`model.hf_folder`, or a random initialisation of `model.preset`), checkpointing to RUN/finetune/,
+and writes the result as RUN/reference, so its run directory (or the HF folder of --hf-out) is the
+reference of a later `unlearn`. `unlearn` takes its reference from, in order: RUN/reference if
+present, --reference (a run directory or an HF folder), `model.hf_folder`, or, only when asked for
+with `--reference random`, a random initialisation of `model.preset`; without any of these it is
+refused. It trains the memorisation model (RUN/memorized/) and writes the forget model for
+`mox.alpha` (and the momentum forget model when `mox.momentum`).
 
 Resume: rerunning the same command continues from the latest complete checkpoint (params,
 optimiser state, RNG key, data position and, with momentum, the running forget model), so the
 result is bitwise equal to an uninterrupted run. A rerun whose resolved config differs from
 RUN/config.yaml is refused, except in keys that do not change the result (checkpointing,
-logging, run_dir; see RESULT_NEUTRAL_KEYS).
+logging, run_dir; see RESULT_NEUTRAL_KEYS). `--overwrite` (finetune, unlearn) starts the run
+directory afresh instead (see `start_afresh`); for `extrapolate` it replaces forget models.
+
+Writers hold RUN/.lock (jaxunlearn.lock) for the whole command: a second writer fails at once.
 
 Expected failures raise a `jaxunlearn.errors.JaxunlearnError`; the `jaxunlearn` command prints
 them as one line and exits 1 (see jaxunlearn.cli). Checkpoints already written are kept.
