@@ -31,7 +31,6 @@ written on one mesh restores onto another.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging

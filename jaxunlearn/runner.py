@@ -43,9 +43,10 @@ from jaxunlearn import checkpoint as ck
 from jaxunlearn.config import ConfigError, RunConfig, check_alpha, load_config, to_dict
 from jaxunlearn.errors import RunError
 from jaxunlearn.lock import run_lock
-from jaxunlearn.rundir import (FINETUNE_DIR, check_max_len, check_reference_source, check_or_write_config, encode, initial_params,
-                               load_benchmark, load_run_params, load_tokenizer, reference_for, reference_meta,
-                               reference_tokenizer_folder, resolve_run, run_setup, run_tokenizer)
+from jaxunlearn.rundir import (FINETUNE_DIR, check_max_len, check_reference_source, check_or_write_config,
+                               encode, initial_params, load_benchmark, load_run_params, load_tokenizer,
+                               reference_for, reference_meta, reference_tokenizer_folder, resolve_run,
+                               run_setup, run_tokenizer)
 from jaxunlearn.stage import Stage, train_stage
 
 # what `--overwrite` removes before a command starts the run directory afresh
@@ -57,12 +58,14 @@ def start_afresh(run: pathlib.Path) -> None:
     other files (e.g. evaluation results) stay. Used by --overwrite, under the run lock."""
     import shutil
 
-    for name in RUN_CONTENT:
-        path = run / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    if ck.is_primary():
+        for name in RUN_CONTENT:
+            path = run / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    ck._sync("start_afresh")
 
 # ----------------------------------------------------------------------------- commands (Python API)
 

@@ -7,7 +7,6 @@ held by another process, a read-only mount and a full disk use CLI subprocesses,
 persistent compilation cache with the in-process run so they do not compile again.
 """
 
-import argparse
 import errno
 import hashlib
 import json
@@ -283,6 +282,23 @@ def test_finetune_on_another_split_into_a_finished_run_is_refused(run, capsys):
     rc, out, err = call(capsys, "finetune", run / ck.CONFIG_FILE, "method=finetune", "--run", run, "--split", "retain")
     assert rc == 1 and "reference written" not in out
     one_line(err, "trained on split full, not retain", "--overwrite")
+    assert snapshot(run) == before
+
+
+def test_finetune_resumed_on_another_split_is_refused(run, capsys):
+    """A finetune run interrupted on split full (checkpoints, no reference yet), rerun with --split retain."""
+    as_finetune_run(run, "full")
+    shutil.rmtree(ck.reference_path(run))
+    shutil.rmtree(run / ck.FORGET_DIR)
+    (run / ck.MEMORIZED_DIR).rename(run / runner.FINETUNE_DIR)
+    for step in steps(run, runner.FINETUNE_DIR):
+        position_file = run / runner.FINETUNE_DIR / str(step) / "position" / "metadata"
+        position = json.loads(position_file.read_text())
+        position_file.write_text(json.dumps(dict(position, reference_hash=None, data="split full")))
+    before = snapshot(run)
+    rc, _, err = call(capsys, "finetune", run / ck.CONFIG_FILE, "--run", run, "--split", "retain")
+    assert rc == 1
+    one_line(err, "trained on split full, this command asks for split retain", "--overwrite")
     assert snapshot(run) == before
 
 
