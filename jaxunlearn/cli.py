@@ -26,7 +26,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("jaxunlearn.demo", "main", "end-to-end MOX on the built-in benchmark (CPU-sized)"),
     "finetune": ("jaxunlearn.runner", "finetune_main", "train a reference/retain model on a benchmark split"),
-    "unlearn": ("jaxunlearn.runner", "unlearn_main", "unlearn with MOX (default) or a baseline"),
+    "unlearn": ("jaxunlearn.runner", "unlearn_main", "unlearn with method=NAME (default mox; see README methods)"),
+    "continual": ("jaxunlearn.runner", "continual_main", "unlearn forget splits in sequence, each from the last result"),
     "extrapolate": ("jaxunlearn.runner", "extrapolate_main", "write forget models for given alphas from a run"),
     "export-hf": ("jaxunlearn.runner", "export_hf_main", "export a run's parameters as a Hugging Face folder"),
     "eval": ("jaxunlearn.evals.cli", "main", "evaluate a run directory or a Hugging Face folder"),

@@ -37,7 +37,7 @@ DEMO = {
     "unlearn": {
         "data": _DATA,
         "train": {"lr": 1e-3, "epochs": 10, "batch_size": 8, "weight_decay": 0.01, "warmup_epochs": 1.0, "seed": 0},
-        "mox": {"objective": "mox", "retain_weight": 1.0, "alpha": 4.0},
+        "method": {"name": "mox", "objective": "mox", "retain_weight": 1.0, "alpha": 4.0},
         "checkpoint": {"save_every": 100, "keep": 1},
     },
 }
@@ -92,8 +92,8 @@ def before_after(out: pathlib.Path, cfg, bench, tokenizer) -> dict[str, dict[str
     splits = {"forget": bench.forget, "retain": bench.retain_perturbed, "holdout": bench.holdout}
     table = {}
     setup, ref, _ = load_run_params(run, "reference")
-    _, forget, _ = load_run_params(run, "forget", alpha=cfg.mox.alpha, mesh=setup.mesh)
-    for name, params in (("reference", ref), (f"forget (alpha={cfg.mox.alpha:g})", forget)):
+    _, forget, _ = load_run_params(run, "forget", alpha=cfg.method.params.alpha, mesh=setup.mesh)
+    for name, params in (("reference", ref), (f"forget (alpha={cfg.method.params.alpha:g})", forget)):
         table[name] = {}
         for split, rows in splits.items():
             nll = split_nll(setup, params, tokenizer, cfg, rows)
@@ -112,12 +112,12 @@ def tofu_style(out: pathlib.Path, cfg, bench, tokenizer, max_new_tokens: int = 2
 
     run = out / "unlearn"
     setup, ref, _ = load_run_params(run, "reference")
-    _, forget, _ = load_run_params(run, "forget", alpha=cfg.mox.alpha, mesh=setup.mesh)
+    _, forget, _ = load_run_params(run, "forget", alpha=cfg.method.params.alpha, mesh=setup.mesh)
     fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
     ev = Evaluator.create(setup.graphdef, ref, setup.model_cfg, tokenizer, fmt, mesh=setup.mesh, batch_size=EVAL_BATCH,
                           buckets=(max(cfg.data.buckets),), max_len=max(cfg.data.buckets))
     table = {}
-    for name, params in (("reference", ref), (f"forget (alpha={cfg.mox.alpha:g})", forget)):
+    for name, params in (("reference", ref), (f"forget (alpha={cfg.method.params.alpha:g})", forget)):
         summary, _ = evaluate_tofu(ev.with_params(params), bench, max_new_tokens=max_new_tokens, with_mia=False)
         table[name] = {
             "forget P": summary["forget"]["prob"],
@@ -158,7 +158,7 @@ def run_demo(out: str | pathlib.Path, fast: bool = False, tofu: bool = True, log
     runner.finetune(cfgs["finetune"], out / "reference", split="full")
     log(f"      done in {time.time() - t0:.0f}s")
     t1 = time.time()
-    log(f"[2/3] MOX: memorise the forget set, extrapolate alpha={cfgs['unlearn'].mox.alpha:g} -> {out / 'unlearn'}")
+    log(f"[2/3] MOX: memorise the forget set, extrapolate alpha={cfgs['unlearn'].method.params.alpha:g} -> {out / 'unlearn'}")
     runner.unlearn(cfgs["unlearn"], out / "unlearn", reference=str(out / "reference"))
     log(f"      done in {time.time() - t1:.0f}s")
     log("[3/3] evaluating (mean answer NLL and P(a|q) = exp(-NLL), per split)")

@@ -23,13 +23,23 @@ from jaxunlearn import checkpoint as ck
 from jaxunlearn.config import ConfigError, RunConfig, from_dict, to_dict
 from jaxunlearn.errors import JaxunlearnError, RunError
 
-FINETUNE_DIR = "finetune"
-SYNTHETIC_SPLITS = ("forget10",)  # the built-in benchmark's one forget split (the config default)
 RANDOM_REFERENCE = "random"  # --reference random: start from a random initialisation of model.preset
-
 
 # config keys a rerun may change: they do not affect the parameters a run produces
 RESULT_NEUTRAL_KEYS = ("run_dir", "checkpoint.", "train.log_every")
+
+# RUN/result.json names the run's result model once training (and extrapolation) finished
+RESULT_FILE = "result.json"
+# models of a run that load_run_params / eval / export-hf can load ("memorized" = "trained")
+WHICH = ("result", "forget", "trained", "memorized", "reference")
+
+# synthetic benchmark forget splits, nested like TOFU's (forget01 in forget05 in forget10): the last
+# 1, 2 or 4 authors (4: the generator's default); the holdout stays 4 authors, so every split has the
+# same texts and hence the same tokenizer
+SYNTHETIC_FORGET = {"forget01": 1, "forget05": 2, "forget10": 4}
+SYNTHETIC_HOLDOUT = 4
+SYNTHETIC_DEFAULT_SPLIT = "forget10"
+
 
 class RunConfigMismatchError(JaxunlearnError, ValueError):
     """A rerun's config differs from the one the run directory was started with."""
@@ -43,10 +53,11 @@ def load_benchmark(data_spec):
     from jaxunlearn import data
 
     if data_spec.benchmark == "synthetic":
-        if data_spec.forget_split not in SYNTHETIC_SPLITS:
-            raise ConfigError(f"data.forget_split={data_spec.forget_split!r}: the synthetic benchmark has one forget "
-                              f"split (its forget authors); valid splits: {', '.join(SYNTHETIC_SPLITS)}")
-        return data.synthetic_benchmark(seed=data_spec.synthetic_seed, n_entities=data_spec.synthetic_entities)
+        if data_spec.forget_split not in SYNTHETIC_FORGET:
+            raise RunError(f"data.forget_split: the synthetic benchmark has {', '.join(SYNTHETIC_FORGET)}, "
+                           f"got {data_spec.forget_split!r}")
+        return data.synthetic_benchmark(seed=data_spec.synthetic_seed, n_entities=data_spec.synthetic_entities,
+                                        n_forget=SYNTHETIC_FORGET[data_spec.forget_split], n_holdout=SYNTHETIC_HOLDOUT)
     if data_spec.benchmark == "tofu":
         from jaxunlearn.data import tofu
 
@@ -54,7 +65,7 @@ def load_benchmark(data_spec):
     if data_spec.benchmark == "muse":
         from jaxunlearn.data import muse
 
-        return muse.muse_benchmark("news", source=data_spec.source, privleak=False)
+        return muse.muse_benchmark(data_spec.corpus, source=data_spec.source, privleak=False)
     raise RunError(f"data.benchmark: {data_spec.benchmark!r} has no loader for training runs")
 
 
@@ -71,6 +82,8 @@ def load_tokenizer(cfg: RunConfig, bench, fallback_folder: str | None = None):
     else:
         from jaxunlearn.data import synthetic_tokenizer
 
+        if cfg.data.benchmark == "synthetic":  # one tokenizer for every forget split: that of the default split
+            bench = load_benchmark(dataclasses.replace(cfg.data, forget_split=SYNTHETIC_DEFAULT_SPLIT))
         tok = synthetic_tokenizer(bench)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -144,7 +157,7 @@ def reference_meta(setup: ModelSetup, source: dict, tokenizer=None) -> dict:
 def run_tokenizer(run: str | pathlib.Path):
     """The tokenizer a run was trained with (its config's, else the one recorded with its reference)."""
     run = pathlib.Path(run)
-    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
+    cfg = read_run_config(run)
     recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
     return load_tokenizer(cfg, load_benchmark(cfg.data), recorded)
 
@@ -197,6 +210,17 @@ def check_max_len(cfg: RunConfig, model_cfg) -> None:
 # ----------------------------------------------------------------------------- run directory
 
 
+def read_run_config(run: str | pathlib.Path) -> RunConfig:
+    """RUN/config.yaml as a RunConfig. A config written before the method section existed (a `mox:`
+    section and `method: NAME`) is read as method {name: mox, <the mox keys>} or {name: NAME}."""
+    run = pathlib.Path(run)
+    data = ck.read_config(run)
+    if isinstance(data, dict) and "mox" in data:
+        mox, name = data.pop("mox") or {}, data.get("method", "mox")
+        data["method"] = {"name": "mox", **mox} if name == "mox" else {"name": name}
+    return from_dict(data, where=str(run / ck.CONFIG_FILE))
+
+
 def resolve_run(cfg: RunConfig, run: str | None) -> tuple[RunConfig, pathlib.Path]:
     run = run or cfg.run_dir
     if not run:
@@ -208,7 +232,7 @@ def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
     """Write RUN/config.yaml, or check that a rerun uses the same resolved config."""
     new = to_dict(cfg)
     if (run / ck.CONFIG_FILE).exists():
-        old = to_dict(from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE)))
+        old = to_dict(read_run_config(run))
         diff = sorted(k for k in _diff_keys(old, new) if not k.startswith(RESULT_NEUTRAL_KEYS))
         if diff:
             raise RunConfigMismatchError(
@@ -236,8 +260,9 @@ def reference_tokenizer_folder(reference: str | None) -> str | None:
         return None
     path = pathlib.Path(reference)
     if ck.has_reference(path) and (path / ck.CONFIG_FILE).exists():
-        ref_cfg = from_dict(ck.read_config(path), where=str(path / ck.CONFIG_FILE))
-        return ref_cfg.data.tokenizer or ref_cfg.model.hf_folder
+        ref_cfg = read_run_config(path)
+        recorded = ck.read_meta(ck.reference_path(path)).get("tokenizer")
+        return ref_cfg.data.tokenizer or ref_cfg.model.hf_folder or recorded
     if (path / "config.json").exists() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         return str(path)
     return None
@@ -259,11 +284,13 @@ def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, toke
     given = None
     if reference is not None and reference != RANDOM_REFERENCE:
         ref_path = pathlib.Path(reference)
-        if ck.has_reference(ref_path):
+        if ck.has_reference(ref_path):  # a run directory: its result model (a finetune run's is its reference)
             meta = ck.read_meta(ck.reference_path(ref_path))
             setup = setup_from_meta(meta, cfg, ck.reference_path(ref_path))
-            params, _ = ck.load_reference(ref_path, setup.abstract)
-            given = (setup, params, {"run": str(ref_path)})
+            ref_cfg = read_run_config(ref_path)
+            which = "result" if (ref_path / RESULT_FILE).exists() else "reference"
+            params, _ = load_params(ref_path, ref_cfg, setup, which)
+            given = (setup, params, {"run": str(ref_path), "model": describe_result(ref_path) if which == "result" else which})
         elif (ref_path / "config.json").exists():
             given = initial_params(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_folder=str(ref_path))), tokenizer)
         else:
@@ -282,33 +309,64 @@ def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, toke
 def run_setup(run: pathlib.Path, mesh=None) -> tuple[RunConfig, ModelSetup]:
     """The run's config and model setup (from RUN/config.yaml and RUN/reference/meta.json)."""
     ck.require_run(run)
-    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
+    cfg = read_run_config(run)
     if not ck.has_reference(run):
         raise ck.RunNotFoundError(f"{ck.reference_path(run)}: run has no complete reference checkpoint")
     setup = setup_from_meta(ck.read_meta(ck.reference_path(run)), cfg, ck.reference_path(run), mesh)
     return cfg, setup
 
 
-def load_run_params(
-    run, which: str, alpha: float | None = None, eta: float | None = None, step: int | None = None, mesh=None
-) -> tuple[ModelSetup, Any, dict]:
-    """(setup, params, info) for which = reference | memorized | forget of a run (hash-verified)."""
-    run = pathlib.Path(run)
-    cfg, setup = run_setup(run, mesh)
+def write_result(run: pathlib.Path, method: str, model: dict) -> None:
+    """Record the run's result model: {"model": "trained", "step": S} | {"model": "forget", "alpha": A, "eta": E}
+    | {"model": "reference"}."""
+    ck.write_json(run / RESULT_FILE, {"method": method, **model})
+
+
+def read_result(run: pathlib.Path) -> dict:
+    path = pathlib.Path(run) / RESULT_FILE
+    if not path.exists():
+        raise ck.RunNotFoundError(f"{path}: the run has no result model yet (rerun its command to finish it)")
+    return ck.read_json(path)
+
+
+def describe_result(run: pathlib.Path) -> str:
+    r = read_result(run)
+    if r["model"] == "forget":
+        return ck.forget_name(float(r["alpha"]), r.get("eta"))
+    return f"trained, step {r['step']}" if r["model"] == "trained" else r["model"]
+
+
+def load_params(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, which: str, alpha: float | None = None,
+                eta: float | None = None, step: int | None = None) -> tuple[Any, dict]:
+    """(params, info) of model `which` (see WHICH) of a run whose config is cfg, placed as in setup."""
+    from jaxunlearn.methods import get_method
+
+    method = get_method(cfg.method.name)
+    if which == "result":
+        r = read_result(run)
+        which, alpha, eta, step = r["model"], r.get("alpha"), r.get("eta"), r.get("step")
     if which == "reference":
-        params, meta = ck.load_reference(run, setup.abstract)
-        return setup, params, meta
-    if which == "memorized":
-        subdir = FINETUNE_DIR if cfg.method == "finetune" else ck.MEMORIZED_DIR
-        mgr = ck.MemorizedCheckpoints(run, subdir=subdir)
+        return ck.load_reference(run, setup.abstract)
+    if which in ("trained", "memorized"):
+        mgr = ck.MemorizedCheckpoints(run, subdir=method.stage_dir)
         try:
             got = mgr.restore(setup.abstract, step=step)
         finally:
             mgr.close()
-        return setup, got["params"], got["position"]
+        return got["params"], got["position"]
     if which == "forget":
-        alpha = cfg.mox.alpha if alpha is None else alpha
-        params, meta = ck.load_forget(run, alpha, setup.abstract, eta=eta)
-        return setup, params, meta
-    raise RunError(f"--which {which!r}: expected forget, memorized or reference")
+        if alpha is None and method.result != "extrapolated":
+            raise RunError(f"{run}: method {method.name!r} writes no forget models (its result is the trained model)")
+        alpha = cfg.method.params.alpha if alpha is None else alpha
+        return ck.load_forget(run, alpha, setup.abstract, eta=eta)
+    raise RunError(f"--which {which!r}: expected one of {', '.join(WHICH)}")
 
+
+def load_run_params(
+    run, which: str, alpha: float | None = None, eta: float | None = None, step: int | None = None, mesh=None
+) -> tuple[ModelSetup, Any, dict]:
+    """(setup, params, info) for a model of a run (see WHICH; "result" = the method's result model), hash-verified."""
+    run = pathlib.Path(run)
+    cfg, setup = run_setup(run, mesh)
+    params, info = load_params(run, cfg, setup, which, alpha, eta, step)
+    return setup, params, info

@@ -1,26 +1,30 @@
-"""Command-line runs: finetune, unlearn (MOX), extrapolate, export-hf.
+"""The training commands: finetune, unlearn (any method), continual, extrapolate, export-hf.
 
     jaxunlearn finetune [CONFIG.yaml] [key=value ...] --run DIR [--split full] [--hf-out DIR] [--overwrite]
-    jaxunlearn unlearn  [CONFIG.yaml] [key=value ...] --run DIR [--reference PATH|random] [--overwrite]
+    jaxunlearn unlearn  [CONFIG.yaml] [method=NAME method.KEY=V ...] --run DIR [--reference PATH|random] [--overwrite]
+    jaxunlearn continual [CONFIG.yaml] [key=value ...] --run DIR --stages forget01 forget05 forget10 [--reference PATH|random]
     jaxunlearn extrapolate --run DIR [--alpha A [A ...]] [--step S] [--overwrite]
-    jaxunlearn export-hf --run DIR --which forget|memorized|reference [--alpha A] [--eta E] [--step S] --out DIR
+    jaxunlearn export-hf --run DIR [--which result|forget|trained|reference] [--alpha A] [--eta E] [--step S] --out DIR
 
-(key=value overrides may also follow --run.) A run directory is laid out as in
-`jaxunlearn.checkpoint`. `finetune` trains a model on a benchmark split (from an HF folder,
-`model.hf_folder`, or a random initialisation of `model.preset`), checkpointing to RUN/finetune/,
-and writes the result as RUN/reference, so its run directory (or the HF folder of --hf-out) is the
-reference of a later `unlearn`. `unlearn` takes its reference from, in order: RUN/reference if
-present, --reference (a run directory or an HF folder), `model.hf_folder`, or, only when asked for
-with `--reference random`, a random initialisation of `model.preset`; without any of these it is
-refused. It trains the memorisation model (RUN/memorized/) and writes the forget model for
-`mox.alpha` (and the momentum forget model when `mox.momentum`).
+(key=value overrides may also follow --run.) A run directory is laid out as in `jaxunlearn.checkpoint`. `finetune` trains a model on a
+benchmark split (from an HF folder, `model.hf_folder`, or a random initialisation of
+`model.preset`), checkpointing to RUN/finetune/, and writes the result as RUN/reference, so its
+run directory (or the HF folder of --hf-out) is the reference of a later `unlearn`.
+`unlearn` takes its reference from, in order: RUN/reference if present, --reference (a run
+directory, meaning its result model, or an HF folder), `model.hf_folder`, or, only when asked for
+with `--reference random`, a random initialisation of `model.preset` (without any of these it is
+refused); it trains the method's objective (jaxunlearn.methods) in the
+method's stage folder and then, for MOX and task vector, writes the forget model for
+`method.alpha` (and the momentum forget model when `method.momentum`). RUN/result.json then names
+the result model. `continual` runs `unlearn` once per forget split, each stage in RUN/K-SPLIT
+starting from the previous stage's result model.
 
 Resume: rerunning the same command continues from the latest complete checkpoint (params,
 optimiser state, RNG key, data position and, with momentum, the running forget model), so the
 result is bitwise equal to an uninterrupted run. A rerun whose resolved config differs from
 RUN/config.yaml is refused, except in keys that do not change the result (checkpointing,
-logging, run_dir; see RESULT_NEUTRAL_KEYS). `--overwrite` (finetune, unlearn) starts the run
-directory afresh instead (see `start_afresh`); for `extrapolate` it replaces forget models.
+logging, run_dir; see RESULT_NEUTRAL_KEYS). `--overwrite` (finetune, unlearn, continual) starts the
+run directory afresh instead (see `start_afresh`); for `extrapolate` it replaces forget models.
 
 Writers hold RUN/.lock (jaxunlearn.lock) for the whole command: a second writer fails at once.
 
@@ -28,38 +32,42 @@ Expected failures raise a `jaxunlearn.errors.JaxunlearnError`; the `jaxunlearn` 
 them as one line and exits 1 (see jaxunlearn.cli). Checkpoints already written are kept.
 
 Python API used by the demo and tests: `finetune(cfg, run, split)`, `unlearn(cfg, run, reference)`,
-`extrapolate_run(run, alphas)`, `export_run(run, which, out)`; `load_run_params(run, which)`.
+`continual(cfg, run, stages, reference)`, `extrapolate_run(run, alphas)`, `export_run(run, which, out)`;
+`jaxunlearn.rundir.load_run_params(run, which)` loads any model of a run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 
 import jax
 
 from jaxunlearn import checkpoint as ck
-from jaxunlearn.config import ConfigError, RunConfig, check_alpha, load_config, to_dict
-from jaxunlearn.errors import RunError
+from jaxunlearn.config import ConfigError, MethodSpec, RunConfig, check_alpha, load_config, to_dict
+from jaxunlearn.errors import JaxunlearnError, RunError
 from jaxunlearn.lock import run_lock
-from jaxunlearn.rundir import (FINETUNE_DIR, check_max_len, check_reference_source, check_or_write_config,
-                               encode, initial_params, load_benchmark, load_run_params, load_tokenizer,
-                               reference_for, reference_meta, reference_tokenizer_folder, resolve_run,
-                               run_setup, run_tokenizer)
+from jaxunlearn.methods import METHODS, get_method
+from jaxunlearn.rundir import (RESULT_FILE, check_max_len, check_or_write_config, check_reference_source, encode,
+                               initial_params, load_benchmark, load_run_params, load_tokenizer, reference_for,
+                               reference_meta, reference_tokenizer_folder, resolve_run, run_setup, run_tokenizer,
+                               write_result)
+from jaxunlearn.rundir import WHICH, describe_result
 from jaxunlearn.stage import Stage, train_stage
-
-# what `--overwrite` removes before a command starts the run directory afresh
-RUN_CONTENT = (ck.CONFIG_FILE, ck.REFERENCE_DIR, FINETUNE_DIR, ck.MEMORIZED_DIR, ck.FORGET_DIR, ck.METRICS_FILE)
 
 
 def start_afresh(run: pathlib.Path) -> None:
-    """Remove what an earlier command wrote into RUN (config, checkpoints, forget models, metrics);
-    other files (e.g. evaluation results) stay. Used by --overwrite, under the run lock."""
+    """Remove what an earlier command wrote into RUN (config, reference, every method's checkpoints,
+    forget models, result, metrics); other files (e.g. evaluation results) stay. Used by --overwrite,
+    under the run lock."""
     import shutil
 
+    names = {ck.CONFIG_FILE, ck.REFERENCE_DIR, ck.FORGET_DIR, ck.METRICS_FILE, RESULT_FILE}
+    names |= {m.stage_dir for m in METHODS.values()}
     if ck.is_primary():
-        for name in RUN_CONTENT:
+        for name in sorted(names):
             path = run / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -77,7 +85,7 @@ def finetune(
 
     overwrite: start RUN afresh (see start_afresh) instead of resuming or refusing a different setting.
     """
-    cfg, run = resolve_run(dataclasses.replace(cfg, method="finetune"), run)
+    cfg, run = resolve_run(dataclasses.replace(cfg, method=MethodSpec("finetune")), run)
     bench = load_benchmark(cfg.data)
     rows = getattr(bench, split, None)
     if not isinstance(rows, list) or not rows or not isinstance(rows[0], (dict, str)):
@@ -96,24 +104,17 @@ def finetune(
 
 def _finetune(cfg: RunConfig, run: pathlib.Path, split: str, bench, rows) -> pathlib.Path:
     from jaxunlearn.data import PairedIterator
-    from jaxunlearn.objectives import get_objective
+    from jaxunlearn.train import copy_tree
 
+    method = get_method("finetune")
     tokenizer = load_tokenizer(cfg, bench)
     setup, params, source = initial_params(cfg, tokenizer)
     check_max_len(cfg, setup.model_cfg)
     examples = encode(tokenizer, cfg, rows)
     it = PairedIterator(examples, examples, cfg.train.batch_size, cfg.train.seed, cfg.data.buckets, tokenizer.pad_token_id)
-    stage = Stage(
-        name="finetune",
-        subdir=FINETUNE_DIR,
-        objective=get_objective("finetune"),
-        batch_at=lambda i: {"train": it.batch_at(i)["forget"]},
-        micro_steps_per_epoch=it.steps_per_epoch,
-        reference_hash=None,
-        data_tag=f"split {split}",
-    )
-    from jaxunlearn.train import copy_tree
-
+    stage = Stage(name="finetune", subdir=method.stage_dir, objective=build_objective(cfg),
+                  batch_at=lambda i: {"train": it.batch_at(i)["forget"]}, micro_steps_per_epoch=it.steps_per_epoch,
+                  reference_hash=None, data_tag=f"split {split}")
     # the finetune objective ignores ref_params; a separate copy keeps the donated buffers apart
     state, _ = train_stage(run, cfg, setup, stage, params, copy_tree(params))
     meta = reference_meta(setup, dict(source, finetuned_on=split, steps=state.step), tokenizer)
@@ -122,37 +123,72 @@ def _finetune(cfg: RunConfig, run: pathlib.Path, split: str, bench, rows) -> pat
     else:
         ck.save_reference(run, state.params, meta)
     ck.append_metrics(run, {"stage": "finetune", "event": "reference_written", "hash": ck.reference_hash(run)})
+    write_result(run, "finetune", {"model": "reference"})
     return run
+
+
+def build_objective(cfg: RunConfig):
+    """The objective of cfg.method with its hyper-parameters; a value the objective rejects is a ConfigError."""
+    from jaxunlearn.objectives import get_objective
+
+    name, kwargs = get_method(cfg.method.name).objective(cfg.method.params)
+    try:
+        return get_objective(name, **kwargs)
+    except JaxunlearnError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"method ({cfg.method.name}): {' '.join(str(e).split())}") from None
+
+
+def _batches(cfg: RunConfig, bench, tokenizer, needs: tuple[str, ...]):
+    """PairedIterator over the forget/retain (and target) examples, and micro-step -> batch of the method."""
+    from jaxunlearn.data import PairedIterator, target_rows
+
+    forget, retain = encode(tokenizer, cfg, bench.forget), encode(tokenizer, cfg, bench.retain)
+    target = None
+    if "target" in needs or cfg.data.target:
+        if not getattr(bench, "idk", None):
+            raise RunError(f"method {cfg.method.name!r} needs target answers, but benchmark {bench.name} has none")
+        target = encode(tokenizer, cfg, target_rows(bench.forget, bench.idk, cfg.train.seed))
+    it = PairedIterator(forget, retain, cfg.train.batch_size, cfg.train.seed, cfg.data.buckets,
+                        tokenizer.pad_token_id, target)
+    if "train" in needs:  # plain fine-tuning on the forget set (task vector)
+        return it, lambda i: {"train": it.batch_at(i)["forget"]}
+    return it, it.batch_at
+
 
 def unlearn(
     cfg: RunConfig, run: str | pathlib.Path | None = None, reference: str | None = None, overwrite: bool = False
 ) -> pathlib.Path:
-    """Memorise the forget set from the reference and write the forget model(s).
+    """Train cfg.method from the reference and write its result model (see jaxunlearn.methods).
 
-    reference: a run directory or HF folder, or "random" (a random init of model.preset); required
-    unless RUN already has a reference or model.hf_folder is set. overwrite: start RUN afresh.
+    reference: a run directory (its result model) or HF folder, or "random" (a random init of
+    model.preset); required unless RUN already has a reference or model.hf_folder is set.
+    overwrite: start RUN afresh (see start_afresh).
     """
     from jaxunlearn import extrapolate as ex
 
     cfg, run = resolve_run(cfg, run)
-    if cfg.method != "mox":
-        raise RunError(f"method: {cfg.method!r} is not available here (unlearn runs method 'mox')")
-    ex.get_rule(cfg.mox.rule)  # an unknown rule must fail now, not after the whole memorisation run
+    method = get_method(cfg.method.name)
+    if method.name == "finetune":
+        raise RunError("method 'finetune' trains a reference: use `jaxunlearn finetune`")
+    objective = build_objective(cfg)  # a bad hyper-parameter must fail now, not after training
+    ex.get_rule(getattr(cfg.method.params, "rule", "linear"))
     bench = load_benchmark(cfg.data)
     with run_lock(run, "jaxunlearn unlearn"):
         if overwrite:
             start_afresh(run)
         check_reference_source(cfg, run, reference)
         check_or_write_config(cfg, run)
-        return _unlearn(cfg, run, reference, bench)
+        return _unlearn(cfg, run, reference, bench, objective)
 
 
-def _unlearn(cfg: RunConfig, run: pathlib.Path, reference: str | None, bench) -> pathlib.Path:
+def _unlearn(cfg: RunConfig, run: pathlib.Path, reference: str | None, bench, objective) -> pathlib.Path:
     from jaxunlearn import extrapolate as ex
-    from jaxunlearn.data import PairedIterator, target_rows
-    from jaxunlearn.objectives import objective_from_spec
     from jaxunlearn.train import copy_tree
 
+    method, hp = get_method(cfg.method.name), cfg.method.params
+    rule = getattr(hp, "rule", "linear")
     # a rerun (maybe without --reference) keeps the tokenizer recorded with the run's reference
     recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
     tokenizer = load_tokenizer(cfg, bench, recorded or reference_tokenizer_folder(reference))
@@ -160,37 +196,45 @@ def _unlearn(cfg: RunConfig, run: pathlib.Path, reference: str | None, bench) ->
     check_max_len(cfg, setup.model_cfg)
     if len(tokenizer) > setup.model_cfg.vocab_size:
         raise RunError(f"tokenizer has {len(tokenizer)} tokens but the reference model's vocab_size is "
-                         f"{setup.model_cfg.vocab_size}; set data.tokenizer to the reference's tokenizer")
-    forget, retain = encode(tokenizer, cfg, bench.forget), encode(tokenizer, cfg, bench.retain)
-    target = None
-    if cfg.mox.objective == "mox_targeted" or cfg.data.target:
-        if not hasattr(bench, "idk"):
-            raise RunError(f"mox.objective {cfg.mox.objective!r}: benchmark {bench.name} has no target answers")
-        target = encode(tokenizer, cfg, target_rows(bench.forget, bench.idk, cfg.train.seed))
-    it = PairedIterator(
-        forget, retain, cfg.train.batch_size, cfg.train.seed, cfg.data.buckets, tokenizer.pad_token_id, target
-    )
-    alpha, eta = cfg.mox.alpha, cfg.mox.eta
+                       f"{setup.model_cfg.vocab_size}; set data.tokenizer to the reference's tokenizer")
+    it, batch_at = _batches(cfg, bench, tokenizer, method.data(hp))
     momentum = None
-    if cfg.mox.momentum:
-        momentum = lambda prev, ref, mem: ex.momentum_update(prev, ref, mem, alpha, eta, cfg.mox.rule)  # noqa: E731
-    stage = Stage(
-        name="memorize",
-        subdir=ck.MEMORIZED_DIR,
-        objective=objective_from_spec(cfg.mox),
-        batch_at=it.batch_at,
-        micro_steps_per_epoch=it.steps_per_epoch,
-        reference_hash=ref_hash,
-        momentum=momentum,
-    )
-    with ck.MemorizedCheckpoints(run, subdir=ck.MEMORIZED_DIR) as mgr:
+    if getattr(hp, "momentum", False):
+        momentum = functools.partial(ex.momentum_update, alpha=hp.alpha, eta=hp.eta, rule=rule)
+    stage = Stage(name=method.name, subdir=method.stage_dir, objective=objective, batch_at=batch_at,
+                  micro_steps_per_epoch=it.steps_per_epoch, reference_hash=ref_hash, momentum=momentum,
+                  momentum_every=getattr(hp, "momentum_every", 0))
+    with ck.MemorizedCheckpoints(run, subdir=method.stage_dir) as mgr:
         fresh = mgr.latest_step() is None
     start = copy_tree(ref_params) if fresh else None  # the trainable copy (donated by the step)
     state, n_steps = train_stage(run, cfg, setup, stage, start, ref_params)
-    write_forget(run, ref_params, state.params, alpha, n_steps, False, cfg.mox.rule)
-    if cfg.mox.momentum:
-        _write_forget_params(run, state.extras["momentum"], alpha, n_steps, eta, False, cfg.mox.rule)
+    if method.result == "trained":
+        write_result(run, method.name, {"model": "trained", "step": n_steps})
+        return run
+    write_forget(run, ref_params, state.params, hp.alpha, n_steps, False, rule)
+    eta = None
+    if momentum is not None:
+        eta = hp.eta
+        _write_forget_params(run, state.extras["momentum"], hp.alpha, n_steps, eta, False, rule)
+    write_result(run, method.name, {"model": "forget", "alpha": hp.alpha, "eta": eta})
     return run
+
+
+def continual(cfg: RunConfig, run: str | pathlib.Path | None, stages: list[str], reference: str | None = None,
+              overwrite: bool = False) -> list[pathlib.Path]:
+    """Unlearn forget splits one after another: stage k (RUN/k-SPLIT) starts from, and uses as its
+    reference, the result model of stage k-1 (stage 1: --reference). Each stage is an ordinary,
+    resumable `unlearn` run, so rerunning the command skips finished stages' training."""
+    cfg, run = resolve_run(cfg, run)
+    if not stages:
+        raise RunError("continual: give at least one forget split (--stages forget01 forget05 ...)")
+    out, previous = [], reference
+    for k, split in enumerate(stages, start=1):
+        stage_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, forget_split=split))
+        sub = run / f"{k}-{split}"
+        out.append(unlearn(stage_cfg, sub, previous, overwrite))
+        previous = str(sub)
+    return out
 
 
 def write_forget(
@@ -213,24 +257,29 @@ def _write_forget_params(run, params, alpha, source_step, eta, overwrite, rule: 
     ck.append_metrics(run, {"event": "forget_written", "alpha": alpha, "eta": eta, "source_step": source_step})
     return path
 
+
 def extrapolate_run(
     run, alphas: list[float] | None = None, step: int | None = None, overwrite: bool = False
 ) -> list[pathlib.Path]:
-    """Write RUN/forget/alpha_A for every alpha (default: the run's mox.alphas) from the
-    reference and a memorised step (default: the latest)."""
+    """Write RUN/forget/alpha_A for every alpha (default: the method's alphas, else its alpha) from
+    the reference and a trained step (default: the latest). Only for methods that extrapolate."""
     run = pathlib.Path(run)
     alphas = [check_alpha(a, f"--alpha {a}") for a in alphas or []]  # all checked before any is written
     cfg, _ = run_setup(run)
-    if cfg.method == "finetune":
+    method, hp = get_method(cfg.method.name), cfg.method.params
+    if method.name == "finetune":
         raise RunError(f"{run}: is a finetune run (a reference model): it has no memorised model to extrapolate; "
                        f"run `jaxunlearn unlearn --reference {run} --run NEW_RUN` first")
+    if method.result != "extrapolated":
+        raise RunError(f"{run}: method {method.name!r} keeps its trained model; it has nothing to extrapolate")
     with run_lock(run, "jaxunlearn extrapolate"):
         setup, ref_params, _ = load_run_params(run, "reference")
-        _, mem_params, position = load_run_params(run, "memorized", step=step, mesh=setup.mesh)
+        _, mem_params, position = load_run_params(run, "trained", step=step, mesh=setup.mesh)
         if position.get("reference_hash") != ck.reference_hash(run):
-            raise ck.HashMismatchError(f"{run}/{ck.MEMORIZED_DIR}: memorised step was not trained from this run's reference")
-        alphas = alphas or list(cfg.mox.alphas)
-        return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite, cfg.mox.rule) for a in alphas]
+            raise ck.HashMismatchError(f"{run}/{method.stage_dir}: trained step was not trained from this run's reference")
+        alphas = alphas or list(getattr(hp, "alphas", [hp.alpha]))
+        rule = getattr(hp, "rule", "linear")
+        return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite, rule) for a in alphas]
 
 
 def export_run(run, which: str, out, alpha: float | None = None, eta: float | None = None, step: int | None = None):
@@ -240,8 +289,8 @@ def export_run(run, which: str, out, alpha: float | None = None, eta: float | No
     run = pathlib.Path(run)
     setup, params, meta = load_run_params(run, which, alpha, eta, step)
     cfg, _ = run_setup(run)
-    info = {"run": str(run.absolute()), "which": which, "alpha": meta.get("alpha"), "eta": meta.get("eta"),
-            "step": meta.get("step", meta.get("source_step")), "data": to_dict(cfg.data)}
+    info = {"run": str(run.absolute()), "which": which, "method": cfg.method.name, "alpha": meta.get("alpha"),
+            "eta": meta.get("eta"), "step": meta.get("step", meta.get("source_step")), "data": to_dict(cfg.data)}
     out = pathlib.Path(out)
     hf.export_hf(merge_params(setup.graphdef, jax.device_get(params)), out, info=info)
     run_tokenizer(run).save_pretrained(str(out))
@@ -251,8 +300,8 @@ def export_run(run, which: str, out, alpha: float | None = None, eta: float | No
 # ----------------------------------------------------------------------------- CLI
 
 
-OVERWRITE_HELP = ("start the run directory afresh: delete its config, checkpoints, forget models and metrics "
-                  "(other files stay), e.g. to rerun a failed or finished run with a changed setting")
+OVERWRITE_HELP = ("start the run directory afresh: delete its config, checkpoints, forget models, result and "
+                  "metrics (other files stay), e.g. to rerun a failed or finished run with a changed setting")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -287,24 +336,37 @@ def finetune_main(argv: list[str]) -> int:
 
 
 def unlearn_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="jaxunlearn unlearn", description="MOX unlearning: memorise then extrapolate")
+    p = argparse.ArgumentParser(prog="jaxunlearn unlearn", description="unlearn with method=NAME (default mox)")
     _config_args(p)
-    p.add_argument("--reference", help="run directory or HF folder of the reference (if RUN has none yet), "
-                                       "or 'random' for a random initialisation of model.preset")
+    p.add_argument("--reference", help="run directory (its result model) or HF folder of the reference (if RUN has "
+                                       "none yet), or 'random' for a random initialisation of model.preset")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = p.parse_intermixed_args(argv)
 
     run = unlearn(_load_cli_config(a.args), a.run, a.reference, a.overwrite)
-    for m in ck.list_forget(run):
-        print(f"forget model (alpha={m['alpha']}, eta={m['eta']}, step {m['source_step']}): {m['path']}")
+    print(f"result model ({describe_result(run)}) in {run}")
+    return 0
+
+
+def continual_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="jaxunlearn continual",
+                                description="unlearn forget splits in sequence, each from the previous result model")
+    _config_args(p)
+    p.add_argument("--stages", nargs="+", required=True, help="forget splits in order, e.g. forget01 forget05 forget10")
+    p.add_argument("--reference", help="run directory or HF folder the first stage starts from, or 'random'")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a = p.parse_intermixed_args(argv)
+
+    for sub in continual(_load_cli_config(a.args), a.run, a.stages, a.reference, a.overwrite):
+        print(f"{sub.name}: result model ({describe_result(sub)})")
     return 0
 
 
 def extrapolate_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxunlearn extrapolate", description="write forget models for given alphas")
     p.add_argument("--run", required=True)
-    p.add_argument("--alpha", type=float, nargs="+", help="alphas to write (default: mox.alphas of the run)")
-    p.add_argument("--step", type=int, help="memorised step to use (default: latest)")
+    p.add_argument("--alpha", type=float, nargs="+", help="alphas to write (default: method.alphas of the run)")
+    p.add_argument("--step", type=int, help="trained step to use (default: latest)")
     p.add_argument("--overwrite", action="store_true", help="replace existing, different forget models")
     a = p.parse_args(argv)
 
@@ -316,13 +378,13 @@ def extrapolate_main(argv: list[str]) -> int:
 def export_hf_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxunlearn export-hf", description="export run parameters as an HF folder")
     p.add_argument("--run", required=True)
-    p.add_argument("--which", choices=("forget", "memorized", "reference"), default="forget")
-    p.add_argument("--alpha", type=float, help="forget model's alpha (default: mox.alpha of the run)")
+    p.add_argument("--which", choices=WHICH, default="result",
+                   help="result (default: the method's result model), forget, trained (memorized), reference")
+    p.add_argument("--alpha", type=float, help="forget model's alpha (default: method.alpha of the run)")
     p.add_argument("--eta", type=float, help="momentum forget model's eta")
-    p.add_argument("--step", type=int, help="memorised step (default: latest)")
+    p.add_argument("--step", type=int, help="trained step (default: latest)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
     print(export_run(a.run, a.which, a.out, a.alpha, a.eta, a.step))
     return 0
-

@@ -19,11 +19,12 @@ from jaxunlearn.config import RunConfig
 from jaxunlearn.errors import RunError
 from jaxunlearn.rundir import ModelSetup
 
+
 @dataclasses.dataclass
 class Stage:
     """One checkpointed training run inside a run directory."""
 
-    name: str  # "finetune" | "memorize"
+    name: str  # the method name (metrics.jsonl "stage")
     subdir: str  # checkpoint folder inside the run
     objective: Callable
     batch_at: Callable[[int], dict]  # micro-step -> host batch
@@ -31,6 +32,7 @@ class Stage:
     reference_hash: str | None  # recorded in every checkpoint and checked on resume
     momentum: Callable | None = None  # (running_forget or None, ref, mem) -> running_forget
     data_tag: str | None = None  # what the stage trains on (e.g. "split full"); checked on resume
+    momentum_every: int = 0  # optimiser steps between momentum updates (0: once per epoch); the last step always updates
 
 
 def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Stage, start_params, ref_params):
@@ -54,10 +56,10 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     )
     n_steps = plan.total_micro_steps
     save_every = cfg.checkpoint.save_every * cfg.train.grad_accum
-    momentum_every = (cfg.mox.momentum_every or plan.steps_per_epoch) * cfg.train.grad_accum
-    if stage.momentum is not None and momentum_every > n_steps:  # else the "momentum model" is the reference
-        raise RunError(f"mox.momentum_every: {momentum_every // cfg.train.grad_accum} optimiser steps between momentum "
-                         f"updates, but the run has only {plan.total_steps}; no momentum update would happen")
+    momentum_every = (stage.momentum_every or plan.steps_per_epoch) * cfg.train.grad_accum
+    if stage.momentum is not None and momentum_every > n_steps:  # a momentum run with no blending at all
+        raise RunError(f"method.momentum_every: {momentum_every // cfg.train.grad_accum} optimiser steps between "
+                       f"momentum updates, but the run has only {plan.total_steps}; no momentum update would happen")
     base_key = jax.random.key(cfg.train.seed)
 
     mgr = ck.MemorizedCheckpoints(run, cfg.checkpoint.keep, cfg.checkpoint.async_save, subdir=stage.subdir)
@@ -69,7 +71,8 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
         def on_step(st, metrics):
             bar.update(st.step, metrics.get("loss"))
             extras = dict(st.extras, rng=jax.random.fold_in(base_key, st.step))
-            if stage.momentum is not None and st.step % momentum_every == 0:
+            # the momentum model blends every momentum_every steps and at the last step, so it includes the final update
+            if stage.momentum is not None and (st.step % momentum_every == 0 or st.step == n_steps):
                 prev = extras["momentum"] if extras["momentum_updates"] else None
                 extras["momentum"] = stage.momentum(prev, ref_params, st.params)
                 extras["momentum_updates"] += 1

@@ -27,7 +27,7 @@ from jaxunlearn.config import from_dict
 TINY = {
     "data": {"synthetic_entities": 6, "max_len": 64, "buckets": [64]},
     "train": {"batch_size": 8, "epochs": 3, "lr": 1e-3},
-    "mox": {"alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
+    "method": {"name": "mox", "alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
     "checkpoint": {"save_every": 3, "keep": 2},
 }
 TOTAL_STEPS = 12
@@ -111,7 +111,7 @@ def test_killed_run_resumes_bitwise(runs):
     assert [r["step"] for r in resumes] == [killed_at]
     assert ck.reference_hash(clean) == ck.reference_hash(killed)
     _assert_bitwise(_params(killed, "memorized")[0], _params(clean, "memorized")[0])
-    for eta in (None, TINY["mox"]["eta"]):  # plain and momentum forget models
+    for eta in (None, TINY["method"]["eta"]):  # plain and momentum forget models
         (got, meta), (want, want_meta) = _params(killed, "forget", eta=eta), _params(clean, "forget", eta=eta)
         _assert_bitwise(got, want)
         assert meta["hash"] == want_meta["hash"] and meta["source_step"] == TOTAL_STEPS
@@ -201,7 +201,7 @@ def test_unknown_extrapolation_rule_fails_before_training(tmp_path, monkeypatch)
         raise _Stop("training started")
 
     monkeypatch.setattr(runner, "train_stage", train_stage)
-    cfg = from_dict(dict(TINY, mox=dict(TINY["mox"], rule="bogus")))
+    cfg = from_dict(dict(TINY, method=dict(TINY["method"], rule="bogus")))
     with pytest.raises(ValueError, match="unknown extrapolation rule 'bogus'"):
         runner.unlearn(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -247,7 +247,48 @@ def test_momentum_that_would_never_update_is_refused_before_training(tmp_path, m
         raise _Stop("training started")
 
     monkeypatch.setattr(train, "train_loop", train_loop)
-    cfg = from_dict(dict(TINY, mox=dict(TINY["mox"], momentum_every=TOTAL_STEPS + 1)))
+    cfg = from_dict(dict(TINY, method=dict(TINY["method"], momentum_every=TOTAL_STEPS + 1)))
     with pytest.raises(ValueError, match="momentum_every.*no momentum update"):
         runner.unlearn(cfg, tmp_path / "run", reference="random")
     assert _steps(tmp_path / "run") == []
+
+
+def test_run_config_written_before_the_method_section_still_reads(tmp_path):
+    from jaxunlearn.config import to_dict
+    from jaxunlearn.rundir import read_run_config
+
+    legacy = to_dict(from_dict({}))
+    legacy.pop("method")
+    legacy.update(method="mox", mox={"objective": "mox", "alpha": 8.0, "momentum": True})
+    ck.write_config(tmp_path / "mox", legacy)
+    cfg = read_run_config(tmp_path / "mox")
+    assert cfg.method.name == "mox" and cfg.method.params.alpha == 8.0 and cfg.method.params.momentum
+    ck.write_config(tmp_path / "ft", dict(legacy, method="finetune"))
+    assert read_run_config(tmp_path / "ft").method.name == "finetune"
+
+
+def test_one_exit_path(tmp_path, capsys, monkeypatch):
+    from jaxunlearn.config import ConfigError
+    from jaxunlearn.errors import JaxunlearnError
+
+    argv = ["unlearn", "method=npo", "method.eta=1", "--run", str(tmp_path / "r")]
+    assert cli.main(argv) == cli.EXIT_ERROR == 1
+    err = _last_err(capsys)
+    assert len(err) == 1 and err[0].startswith("jaxunlearn unlearn: error: ") and "method.eta" in err[0], err
+    assert cli.main(["nope"]) == cli.EXIT_USAGE == 2
+    monkeypatch.setenv("JAXUNLEARN_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        cli.main(argv)
+    # every expected error type derives from the one base
+    from jaxunlearn import checkpoint, data, extrapolate, rundir, sharding, train
+    from jaxunlearn.evals.tofu import EvalError
+    from jaxunlearn.methods import UnknownMethodError
+    from jaxunlearn.models.config import ModelConfigError
+    from jaxunlearn.objectives import UnknownObjectiveError
+    from jaxunlearn.objectives.common import MissingBatchKeyError
+
+    for error in (ConfigError, checkpoint.CheckpointError, checkpoint.RunNotFoundError, data.DataError,
+                  extrapolate.UnknownRuleError, rundir.RunConfigMismatchError, sharding.MeshError,
+                  train.NonFiniteError, EvalError, UnknownMethodError, ModelConfigError, UnknownObjectiveError,
+                  MissingBatchKeyError):
+        assert issubclass(error, JaxunlearnError), error

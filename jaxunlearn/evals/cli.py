@@ -1,11 +1,13 @@
 """`jaxunlearn eval`: TOFU (or MUSE) evaluation of a run directory or a Hugging Face folder.
 
-    jaxunlearn eval RUN [--which reference memorized forget sweep] [--alpha A ...] [--out DIR]
+    jaxunlearn eval RUN [--which result reference trained forget sweep] [--alpha A ...] [--out DIR]
     jaxunlearn eval HF_FOLDER --benchmark tofu --data-source DIR [--forget-split forget10] --out DIR
     jaxunlearn eval HF_FOLDER --benchmark muse --data-source DIR [--retrain-auc X] --out DIR
 
 A run directory (RUN/config.yaml, see jaxunlearn.checkpoint) brings its own benchmark, tokenizer and
-prompt format; `--which sweep` evaluates every forget model in RUN/forget (an alpha sweep). An HF
+prompt format; `--which result` (the default) evaluates the run's result model (RUN/result.json:
+the trained model of a gradient method, the forget model of MOX / task vector) labelled with the
+method's name; `--which sweep` evaluates every forget model in RUN/forget (an alpha sweep). An HF
 folder is loaded with jaxunlearn.models.load_hf and its own tokenizer (or --tokenizer).
 
 Writes, per evaluated model LABEL: OUT/LABEL.summary.json and OUT/LABEL.per_sample.json; then
@@ -13,7 +15,7 @@ OUT/results.md (a markdown table of every summary in OUT), OUT/tradeoff.png (for
 utility) and, for a run, OUT/training.png (metrics.jsonl over steps). Forget quality needs the retain
 model's per-sample file (--retain-results RETAIN_OUT/LABEL.per_sample.json); without it it is n/a.
 Reports cover every *.summary.json in OUT, so evaluating several runs (methods) into one --out folder
-gives one table and one trade-off plot across methods (points grouped by the run's `method`).
+gives one table and one trade-off plot across methods (points grouped by the run's method name).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from jaxunlearn.evals.tofu import EvalError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxunlearn eval", description="evaluate a run directory or an HF folder")
     p.add_argument("target", help="run directory (with config.yaml) or Hugging Face model folder")
-    p.add_argument("--which", nargs="+", default=["forget"],
-                   help="for a run: any of reference, memorized, forget, sweep (every alpha in RUN/forget)")
-    p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's mox.alpha)")
+    p.add_argument("--which", nargs="+", default=["result"],
+                   help="for a run: any of result (the method's result model, default), reference, trained "
+                        "(memorized), forget, sweep (every alpha in RUN/forget)")
+    p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's method.alpha)")
     p.add_argument("--step", type=int, help="for --which memorized: the step (default: latest)")
     p.add_argument("--benchmark", choices=["tofu", "synthetic", "muse"], help="for an HF folder (default tofu)")
     p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the hub")
@@ -155,12 +158,14 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
 
     out: list[tuple[str, dict]] = []
     for which in args.which:
-        if which == "reference":
+        if which == "result":
+            out.append((cfg.method.name, {"which": "result"}))
+        elif which == "reference":
             out.append(("reference", {"which": "reference"}))
-        elif which == "memorized":
-            out.append(("memorized", {"which": "memorized", "step": args.step}))
+        elif which in ("trained", "memorized"):
+            out.append((which, {"which": which, "step": args.step}))
         elif which == "forget":
-            for a in args.alpha or [cfg.mox.alpha]:
+            for a in args.alpha or [cfg.method.params.alpha]:
                 out.append((ck.forget_name(float(a)), {"which": "forget", "alpha": a}))
         elif which == "sweep":
             metas = ck.list_forget(run)
@@ -169,7 +174,7 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
             for m in metas:
                 out.append((pathlib.Path(m["path"]).name, {"which": "forget", "alpha": m["alpha"], "eta": m.get("eta")}))
         else:
-            raise EvalError(f"--which {which!r}: expected reference, memorized, forget or sweep")
+            raise EvalError(f"--which {which!r}: expected result, reference, trained, memorized, forget or sweep")
     first: dict[str, dict] = {}
     for label, kw in out:
         first.setdefault(label, kw)
@@ -200,9 +205,9 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
                            max_len=args.max_len, param_shardings=setup.shardings, batch_sharding=batch_sharding(mesh))
         else:
             ev = ev.with_params(params)
-        info = {"dir": str(run), "method": cfg.method, **{k: v for k, v in kw.items() if v is not None}}
+        info = {"dir": str(run), "method": cfg.method.name, **{k: v for k, v in kw.items() if v is not None}}
         summary = _evaluate(ev, bench, args, label, {"run": info})
-        results.append((label, cfg.method, summary))
+        results.append((label, cfg.method.name, summary))
     from jaxunlearn.evals.report import plot_training
 
     plot_training(ck.read_metrics(run), pathlib.Path(args.out) / "training.png")
