@@ -102,8 +102,12 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
     _benchmark_from_export(args, folder)
     if args.benchmark == "tofu":
         bench = data.tofu_benchmark(args.forget_split, source=args.data_source)
-    elif args.benchmark == "synthetic":
-        bench = data.synthetic_benchmark(seed=args.synthetic_seed, n_entities=args.synthetic_entities)
+    elif args.benchmark == "synthetic":  # built as a training run builds it (forget split -> forget authors)
+        from jaxunlearn.config import DataSpec
+        from jaxunlearn.rundir import load_benchmark
+
+        bench = load_benchmark(DataSpec(benchmark="synthetic", forget_split=args.forget_split,
+                                        synthetic_seed=args.synthetic_seed, synthetic_entities=args.synthetic_entities))
     else:
         bench = data.muse_benchmark(args.muse_corpus, source=args.data_source)
     tok_dir = pathlib.Path(args.tokenizer or folder)
