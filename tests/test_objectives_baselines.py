@@ -43,7 +43,7 @@ def world():
     graphdef, ref = split_params(init_model(cfg, seed=0))
     rng = np.random.default_rng(1)
     # the trained model starts a little away from the reference, so that KL and log-ratios are not zero
-    params = jax.tree.map(lambda x: x + jnp.asarray(0.01 * rng.standard_normal(x.shape), x.dtype), ref)
+    params = jax.tree.map(lambda x: x + jnp.asarray(0.03 * rng.standard_normal(x.shape), x.dtype), ref)
     forget = make_batch(rng, cfg.vocab_size, [12, 10, 7])
     batch = {
         "forget": forget,
@@ -148,13 +148,14 @@ def activation_loss(a1, a2, b):
     return ((sq * mask.unsqueeze(-1)).mean(dim=2).sum(dim=1) / mask.sum(-1)).mean()
 
 
-def rmu_loss(world, layer, coeff, alpha):
+def rmu_terms(world, layer, coeff):
+    """(forget, retain) activation losses of open-unlearning rmu.py (retain_loss_type EMBED_DIFF)."""
     f, r = world["batch"]["forget"], world["batch"]["retain"]
     u = torch.from_numpy(np.asarray(jax.random.uniform(jax.random.key(0), (world["cfg"].hidden_size,)), np.float64))
     control = (u / torch.norm(u) * coeff).view(1, 1, -1)
     forget = activation_loss(layer_acts(world, world["params"], f, layer), control, f)
     retain = activation_loss(layer_acts(world, world["params"], r, layer), layer_acts(world, world["ref"], r, layer), r)
-    return forget + alpha * retain
+    return forget, retain
 
 
 def idk_loss(world):
@@ -164,19 +165,23 @@ def idk_loss(world):
     return hf_loss(full_logits(world, world["params"], both), both)
 
 
-# case: (hparams, reference formula, (metric, +1 or -1) that a descent step must raise or lower, or None)
+# case: (hparams, reference formula, (metric, +1 or -1) that a descent step must raise or lower, or None,
+#        {metric: reference} for terms too small to be checked through the total)
 CASES = {
     "ga": ({}, lambda w: -forget_nll(w), ("forget_nll", +1)),
     "ga_sample": ({"nll_reduction": "sample"},
                   lambda w: -sample_nll(full_logits(w, w["params"], w["batch"]["forget"]), w["batch"]["forget"]), None),
     "graddiff": ({"gamma": 0.7, "alpha": 2.0}, lambda w: -0.7 * forget_nll(w) + 2.0 * retain_nll(w), None),
-    "kl": ({}, lambda w: -forget_nll(w) + retain_kl(w), None),
+    "kl": ({}, lambda w: -forget_nll(w) + retain_kl(w), None, {"retain_kl": retain_kl}),
     "npo": ({"alpha": 0.0}, lambda w: dpo_loss(w, None, w["batch"]["forget"], 0.1), ("forget_log_ratio", -1)),
-    "simnpo": ({"delta": 0.5, "alpha": 0.0}, lambda w: 0.125 * simnpo_loss(w, 4.5, 0.5), ("forget_nll", +1)),
+    # delta near the forget NLL (about 5.5 here) keeps log sigmoid away from 0, so the comparison means something
+    "simnpo": ({"delta": 5.5, "alpha": 0.0}, lambda w: 0.125 * simnpo_loss(w, 4.5, 5.5), ("forget_nll", +1)),
     "dpo": ({"alpha": 0.0}, lambda w: dpo_loss(w, w["batch"]["target"], w["batch"]["forget"], 0.1), ("dpo_margin", +1)),
     "idknll": ({}, idk_loss, ("target_nll", -1)),
     "undial": ({}, lambda w: undial_loss(w, 10.0), None),
-    "rmu": ({"layer": 0, "steering_coeff": 6.5, "alpha": 3.0}, lambda w: rmu_loss(w, 0, 6.5, 3.0), None),
+    "rmu": ({"layer": 0, "steering_coeff": 6.5, "alpha": 3.0},
+            lambda w: rmu_terms(w, 0, 6.5)[0] + 3.0 * rmu_terms(w, 0, 6.5)[1], None,
+            {"retain_embed_diff": lambda w: rmu_terms(w, 0, 6.5)[1]}),
 }
 
 
@@ -200,10 +205,12 @@ def test_matches_reference_formula_and_gradient_descends(world, case):
     """Loss = reference formula; gradients finite; a small descent step lowers the loss and moves the
     forget term the way the method intends (the retain terms are checked by graddiff, kl and
     test_mox_spec_alpha_is_not_the_retain_weight, which is npo with its default retain NLL)."""
-    hparams, reference, direction = CASES[case]
+    hparams, reference, direction, *terms = CASES[case]
     fn = value_and_grad(world, objective_name(case), **hparams)
     (loss, metrics), grads = fn(world["params"], world["ref"], world["batch"])
     np.testing.assert_allclose(float(loss), float(reference(world)), **TOL)
+    for metric, term in (terms[0] if terms else {}).items():
+        np.testing.assert_allclose(float(metrics[metric]), float(term(world)), rtol=1e-6)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert all(bool(jnp.isfinite(v)) for v in metrics.values())
     (stepped, after), _ = fn(step(world["params"], grads), world["ref"], world["batch"])
@@ -274,3 +281,15 @@ def test_missing_batch_keys(world):
         obj = get_objective(name, **({"layer": 0} if name == "rmu" else {}))
         with pytest.raises(MissingBatchKeyError, match=f"'{name}' needs batch\\['{key}'\\]"):
             jax.eval_shape(lambda p, r: obj(p, r, only_forget, world["apply"]), world["params"], world["ref"])
+
+
+def test_rmu_trainable_selects_layer_slices_of_stacked_parameters():
+    """With layers stored stacked ([L, ...] under 'layers.<name>'), the same per-layer pattern selects slices."""
+    from jaxunlearn.objectives.rmu import freeze_others
+
+    params = {"layers": {"mlp": {"down_proj": {"kernel": jnp.ones((3, 2, 2))}}, "norm": {"scale": jnp.ones((3, 2))}},
+              "embed": jnp.ones((4, 2))}
+    pattern = r"layers\.(0|2)\.mlp\..*"
+    grads = jax.grad(lambda p: sum((x ** 2).sum() for x in jax.tree.leaves(freeze_others(p, pattern))))(params)
+    np.testing.assert_array_equal(np.asarray(grads["layers"]["mlp"]["down_proj"]["kernel"])[:, 0, 0], [2.0, 0.0, 2.0])
+    assert float(jnp.abs(grads["layers"]["norm"]["scale"]).max()) == 0.0 and float(jnp.abs(grads["embed"]).max()) == 0.0

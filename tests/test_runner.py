@@ -292,3 +292,23 @@ def test_one_exit_path(tmp_path, capsys, monkeypatch):
                   train.NonFiniteError, EvalError, UnknownMethodError, ModelConfigError, UnknownObjectiveError,
                   MissingBatchKeyError):
         assert issubclass(error, JaxunlearnError), error
+
+
+def test_evaluation_depends_on_the_run_directory_never_on_training_code():
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "jaxunlearn"
+    training = {"jaxunlearn.runner", "jaxunlearn.stage", "jaxunlearn.train", "jaxunlearn.optim"}
+
+    def imports(path):
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        return out
+
+    for path in [*sorted((root / "evals").glob("*.py")), root / "rundir.py"]:
+        assert not imports(path) & training, path
+    assert "jaxunlearn.rundir" in imports(root / "evals" / "cli.py")

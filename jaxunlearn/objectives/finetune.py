@@ -23,7 +23,8 @@ def finetune(nll_reduction: str = "token"):
         elif "retain" in batch:
             data = batch["retain"]
         else:
-            raise MissingBatchKeyError(f"objective 'finetune' needs batch['train'] or batch['retain']; batch has keys {sorted(batch)}")
+            raise MissingBatchKeyError(
+                f"objective 'finetune' needs batch['train'] or batch['retain']; batch has keys {sorted(batch)}")
         nll = batch_nll(apply, params, data, nll_reduction)
         return nll, {"nll": nll}
 

@@ -8,13 +8,17 @@
 h is the residual stream at the output of decoder layer `layer` (0-indexed: open-unlearning's
 module `model.layers.7` is layer=7), i.e. apply.hidden(..., num_layers=layer + 1); ans_i are the
 positions whose own label is scored (labels != -100, unshifted, as open-unlearning's mask).
-Samples without a scored token are left out of the mean.
+Samples without a scored token are left out of the mean. (WMDP's own code takes the plain MSE
+over every position of its inputs, trains the MLP down-projections of layers 5-7 only, and uses
+steering 6.5 with retain weight 1200 for Zephyr-7B.)
 `trainable` is a regular expression matched (fullmatch) against parameter paths such as
 "layers.7.mlp.down_proj.kernel": gradients of the other parameters are stopped inside the loss.
+Parameters stored stacked over layers ("layers.mlp.down_proj.kernel" [L, ...]) are matched slice by
+slice under the same per-layer names, so one pattern serves both layouts.
 open-unlearning's config trains everything (".*", its default here); the WMDP code trains
 "layers\\.(5|6|7)\\.mlp\\.down_proj\\.kernel". A stopped gradient is zero, but an optimiser with
-decoupled weight decay still moves those parameters: for strict freezing mask the optimiser too
-(optax.masked with `trainable_mask`).
+decoupled weight decay still moves those parameters: for strict freezing, train RMU without weight
+decay or mask the optimiser too (`trainable_mask` gives the per-parameter / per-layer-slice masks).
 Source: open-unlearning src/trainer/unlearn/rmu.py (loss, mask and defaults of configs/trainer/RMU.yaml:
 layer 7, steering_coeff 2, gamma 1, alpha 1, retain EMBED_DIFF); centerforaisafety/wmdp rmu/unlearn.py.
 """
@@ -25,6 +29,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxunlearn.objectives.common import masked_mean, require
 from jaxunlearn.objectives.registry import register
@@ -40,18 +45,35 @@ def param_path(path) -> str:
     return name[: -len(".value")] if name.endswith(".value") else name
 
 
+def leaf_mask(name: str, leaf, regex: re.Pattern):
+    """True/False for a parameter, or a [num_layers] bool array for one stored stacked over layers
+    ('layers.<rest>' with a leading layer axis), whose slice i is named 'layers.<i>.<rest>'."""
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 1 and not parts[1].isdigit():
+        rest = ".".join(parts[1:])
+        return np.array([bool(regex.fullmatch(f"layers.{i}.{rest}")) for i in range(leaf.shape[0])])
+    return bool(regex.fullmatch(name))
+
+
 def trainable_mask(params, pattern: str):
-    """Pytree of bools: True where the parameter's path fullmatches `pattern`."""
+    """Pytree of leaf_mask values: which parameters (or layer slices of stacked ones) `pattern` selects."""
     regex = re.compile(pattern)
-    return jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.fullmatch(param_path(path))), params)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: leaf_mask(param_path(path), leaf, regex), params)
 
 
 def freeze_others(params, pattern: str):
-    """params with stop_gradient on every leaf whose path does not match `pattern`."""
-    mask = trainable_mask(params, pattern)
-    if not any(jax.tree.leaves(mask)):
+    """params with stop_gradient on every parameter (or layer slice) that `pattern` does not select."""
+    masks = trainable_mask(params, pattern)
+    if not any(np.any(m) for m in jax.tree.leaves(masks)):
         raise ValueError(f"objective 'rmu': trainable {pattern!r} matches no parameter")
-    return jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params, mask)
+
+    def freeze(p, keep):
+        if isinstance(keep, bool):
+            return p if keep else jax.lax.stop_gradient(p)
+        keep = jnp.asarray(keep).reshape((-1,) + (1,) * (p.ndim - 1))
+        return jnp.where(keep, p, jax.lax.stop_gradient(p))
+
+    return jax.tree.map(freeze, params, masks)
 
 
 def control_vector(dim: int, steering_coeff: float, seed: int) -> jax.Array:

@@ -16,7 +16,6 @@ quirk. Defaults as open-unlearning configs/trainer/UNDIAL.yaml: beta 10, gamma 1
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jaxunlearn.objectives.common import masked_mean, next_real_mask, per_token, require
 from jaxunlearn.objectives.registry import register
