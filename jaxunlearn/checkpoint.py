@@ -6,7 +6,8 @@ Layout of a run directory RUN:
   RUN/reference/meta.json     content hash of those parameters; written last, so its
                               presence marks the reference as complete
   RUN/memorized/<step>/       Orbax CheckpointManager steps: items "params", "opt_state",
-                              "rng" (key data) and "position" (JSON: step, epoch, ...)
+                              "rng" (key data) and "position" (JSON: step, epoch, ..., and
+                              "hashes": content hashes of params, opt_state and rng)
   RUN/forget/<name>/          forget parameters, one folder per alpha (and eta), with
                               meta.json holding alpha, eta, source step and content hash
   RUN/metrics.jsonl           one JSON object per line, appended
@@ -15,6 +16,13 @@ Writes of the reference and forget folders go to a hidden temporary folder that 
 into place only once complete; a leftover temporary folder (after a crash) is ignored and
 removed by the next write. The memorised steps rely on Orbax's own temporary-folder +
 finalise protocol, and a step is listed only once finalised.
+
+Every read is verified against the recorded content hash (reference, forget, and each item of a
+memorised step), so a damaged checkpoint stops with HashMismatchError / CheckpointError instead of
+flowing into later models. A write that fails (disk full, read-only, permissions) raises one
+`errors.WriteError` line; the error logs of Orbax's background threads are silenced (they repeat
+that one failure per array shard) unless JAXUNLEARN_DEBUG is set, and reference/forget folders are
+written with a synchronous checkpointer so a failure cannot leave a background thread waiting.
 
 Parameters are any pytree of jax arrays (e.g. an `nnx.State` of `nnx.Param`). Restores take an
 abstract target (`abstract_tree`) whose leaves carry the shardings wanted now, so a checkpoint
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -39,8 +48,8 @@ import orbax.checkpoint as ocp
 import yaml
 
 from jaxunlearn.config import read_yaml
-from jaxunlearn.errors import JaxunlearnError
 from jaxunlearn.distributed import barrier, is_primary
+from jaxunlearn.errors import JaxunlearnError, WriteError, is_write_failure, write_error
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -66,6 +75,64 @@ class CheckpointExistsError(CheckpointError):
 
 class RunNotFoundError(JaxunlearnError, FileNotFoundError):
     """A run directory, or a checkpoint inside it, does not exist."""
+
+
+CheckpointWriteError = WriteError  # writing into the run directory failed (see errors.write_error)
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops the error logs of Orbax's background threads and asyncio tasks (one traceback per array
+    shard on a full disk): the failure itself is raised to the caller as one WriteError or
+    CheckpointError. JAXUNLEARN_DEBUG=1 keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or os.environ.get("JAXUNLEARN_DEBUG"):
+            return True
+        if "orbax" in record.pathname:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None:  # an asyncio task of Orbax's that failed
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return "orbax" not in record.getMessage()
+
+
+_QUIET = _QuietOrbax()
+
+
+def _late_callback_error(exc_type, exc, tb) -> bool:
+    """TensorStore completing a write after Orbax closed its event loop (after a failed save):
+    'Event loop is closed' raised in asyncio's call_soon_threadsafe, reported as unraisable."""
+    if exc_type is not RuntimeError or "Event loop is closed" not in str(exc):
+        return False
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _quiet_orbax_errors() -> None:
+    import sys
+
+    for name in ("absl", "asyncio", ""):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+    if getattr(sys.unraisablehook, "_jaxunlearn_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if os.environ.get("JAXUNLEARN_DEBUG") or not _late_callback_error(
+            unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback
+        ):
+            previous(unraisable)
+
+    hook._jaxunlearn_quiet = True
+    sys.unraisablehook = hook
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -125,11 +192,15 @@ def tree_summary(tree: Any) -> dict[str, list]:
 
 def _write_text_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e, "file") from e
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
@@ -171,10 +242,32 @@ def append_metrics(run: str | os.PathLike, record: dict) -> None:
         return
     clean = {k: _plain(v) for k, v in record.items()}
     path = pathlib.Path(run) / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(clean, sort_keys=True) + "\n")
-        f.flush()
+    line = json.dumps(clean, sort_keys=True) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            start = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:
+                f.truncate(start)  # never leave a partial line
+                raise
+    except OSError as e:
+        raise write_error(path, e, "metrics") from e
+
+
+def truncate_metrics(run: str | os.PathLike, stage: str, after_step: int) -> int:
+    """Drop RUN/metrics.jsonl records of `stage` with a step beyond `after_step` (logged after the
+    checkpoint a resume restarts from, so that every step is logged once); returns how many."""
+    path = pathlib.Path(run) / METRICS_FILE
+    if not is_primary() or not path.exists():
+        return 0
+    records = read_metrics(run)
+    kept = [r for r in records if not (r.get("stage") == stage and "event" not in r and r.get("step", 0) > after_step)]
+    if len(kept) != len(records):
+        _write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    return len(records) - len(kept)
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
@@ -237,25 +330,39 @@ def _save_params_folder(
     dest = pathlib.Path(dest)
     if (dest / META_FILE).exists() and not overwrite:
         raise CheckpointExistsError(f"{dest}: {what} checkpoint already exists (pass overwrite to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if is_primary():
-        _clean_tmp(dest.parent, dest.name)
+    _quiet_orbax_errors()
     tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}")
     tmp = pathlib.Path(_broadcast_str(str(tmp)))
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save((tmp / PARAMS_DIR).absolute(), params)  # Orbax needs absolute paths
-    ckptr.wait_until_finished()
-    ckptr.close()
-    meta = dict(meta, hash=params_hash(params), tree=tree_summary(params), written=time.time())
-    if is_primary():
-        write_json(tmp / META_FILE, meta)
-        if dest.exists():  # incomplete leftover, or overwrite requested
-            trash = dest.with_name(f"{TMP_PREFIX}{dest.name}-old-{uuid.uuid4().hex[:8]}")
-            os.replace(dest, trash)
-            os.replace(tmp, dest)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+    try:
+        if is_primary():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _clean_tmp(dest.parent, dest.name)
+            tmp.mkdir()  # fails at once on a read-only or full disk, before Orbax starts threads
+        barrier("save_params_folder_tmp")
+        # the synchronous checkpointer raises write errors here instead of in a background thread
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        try:
+            ckptr.save((tmp / PARAMS_DIR).absolute(), params)  # Orbax needs absolute paths
+        finally:
+            ckptr.close()
+        meta = dict(meta, hash=params_hash(params), tree=tree_summary(params), written=time.time())
+        if is_primary():
+            write_json(tmp / META_FILE, meta)
+            if dest.exists():  # incomplete leftover, or overwrite requested
+                trash = dest.with_name(f"{TMP_PREFIX}{dest.name}-old-{uuid.uuid4().hex[:8]}")
+                os.replace(dest, trash)
+                os.replace(tmp, dest)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
+    except Exception as e:
+        if is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WriteError):
+            raise
+        if is_write_failure(e):
+            raise write_error(dest, e, f"{what} checkpoint") from e
+        raise
     barrier("save_params_folder")
     return dest
 
@@ -401,19 +508,24 @@ class MemorizedCheckpoints:
         subdir: str = MEMORIZED_DIR,
     ):
         self.directory = pathlib.Path(run).absolute() / subdir
-        if is_primary() and self.directory.is_dir():  # unfinalised steps left by a crash
-            for stale in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        barrier("memorized_cleanup")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("params", "opt_state", "rng", "position"), options=options
-        )
+        self._failed = False
+        _quiet_orbax_errors()
+        try:
+            if is_primary() and self.directory.is_dir():  # unfinalised steps left by a crash
+                for stale in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            barrier("memorized_cleanup")
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            )
+            self.manager = ocp.CheckpointManager(
+                self.directory, item_names=("params", "opt_state", "rng", "position"), options=options
+            )
+        except OSError as e:
+            raise write_error(self.directory, e, "checkpoints") from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -422,17 +534,45 @@ class MemorizedCheckpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, params: Any, opt_state: Any, rng: jax.Array, position: dict) -> None:
-        """Start saving step `step` (returns once the arrays are copied off the devices)."""
+        """Start saving step `step` (returns once the arrays are copied off the devices).
+
+        The content hashes of params, opt_state and rng are recorded in the step's position
+        (key "hashes") and checked by `restore`.
+        """
         key_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
         # a host copy: the key lives on one local device, which Orbax cannot save from several processes
         key_data = np.asarray(jax.device_get(key_data))
+        rng_item = {"key": key_data}
+        hashes = {"params": params_hash(params), "opt_state": params_hash(opt_state), "rng": params_hash(rng_item)}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            rng=ocp.args.StandardSave({"key": key_data}),
-            position=ocp.args.JsonSave({k: _plain(v) for k, v in position.items()}),
+            rng=ocp.args.StandardSave(rng_item),
+            position=ocp.args.JsonSave(dict({k: _plain(v) for k, v in position.items()}, hashes=hashes)),
         )
-        self.manager.save(step, args=args, force=True)
+        self._guard(lambda: self.manager.save(step, args=args, force=True))
+
+    def _guard(self, fn):
+        """Run a manager call that may write; Orbax write failures become one CheckpointWriteError."""
+        try:
+            return fn()
+        except Exception as e:
+            self._failed = True
+            if is_write_failure(e):
+                try:  # let saves already in flight finish, so the message names the last complete step
+                    self.manager.wait_until_finished()
+                except Exception:
+                    pass
+                # an asynchronous save fails when a later call waits for it: name the folder, not a step
+                raise write_error(self.directory, e, f"checkpoint (last complete step: {self._last_complete()})") from e
+            raise
+
+    def _last_complete(self) -> str:
+        try:
+            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        except OSError:
+            steps = []
+        return str(steps[-1]) if steps else "none"
 
     def restore(
         self,
@@ -466,6 +606,7 @@ class MemorizedCheckpoints:
             raise CheckpointError(
                 f"{self.directory}/{step}: cannot restore memorised checkpoint: {str(e).splitlines()[0]}"
             ) from e
+        self._verify(step, got, opt_state_target is not None)
         key = jnp.asarray(got["rng"]["key"])
         if rng_impl is not None:
             key = jax.random.wrap_key_data(key, impl=rng_impl)
@@ -474,15 +615,39 @@ class MemorizedCheckpoints:
             "params": got["params"],
             "opt_state": got["opt_state"] if opt_state_target is not None else None,
             "rng": key,
-            "position": dict(got["position"]),
+            "position": {k: v for k, v in dict(got["position"]).items() if k != "hashes"},
         }
 
+    def _verify(self, step: int, got: dict, with_opt_state: bool) -> None:
+        hashes = dict(got["position"]).get("hashes")
+        where = f"{self.directory}/{step}"
+        if not isinstance(hashes, dict):
+            raise HashMismatchError(f"{where}: checkpoint has no recorded content hash; it cannot be verified "
+                                    "(written by an older version or damaged); delete it to train that part again")
+        items = ["params", "rng"] + (["opt_state"] if with_opt_state else [])
+        for item in items:
+            got_hash = params_hash(got[item])
+            if got_hash != hashes.get(item):
+                raise HashMismatchError(
+                    f"{where}: memorised {item} do not match their recorded content hash "
+                    f"(recorded {str(hashes.get(item))[:12]}, found {got_hash[:12]}); the checkpoint is damaged: "
+                    "delete this step folder to resume from an earlier one"
+                )
+
     def wait_until_finished(self) -> None:
-        self.manager.wait_until_finished()
+        self._guard(self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending saves and release Orbax's threads (after a failed save: release only)."""
+        try:
+            if not self._failed:
+                self.wait_until_finished()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> "MemorizedCheckpoints":
         return self

@@ -10,6 +10,8 @@ Exit status (the one exit path of every command):
      non-finite step, ...) or an OS error (missing file, permission, disk full); stderr gets one
      line `jaxunlearn CMD: error: MESSAGE`, and checkpoints already written are kept
   2  a usage error (unknown command, bad or missing options)
+  130 / 143  stopped by SIGINT (Ctrl-C) / SIGTERM: a training command finishes the step in flight,
+     writes a checkpoint and prints "interrupted at step N; rerun the same command to resume"
 Set JAXUNLEARN_DEBUG=1 to get the traceback instead of the one line. Any other exception is a bug
 and keeps its traceback.
 
@@ -93,13 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     module, func, _ = COMMANDS[name]
     from jaxunlearn.errors import JaxunlearnError
+    from jaxunlearn.interrupt import Interrupted, interruptible
 
     try:
         if not {"-h", "--help"} & set(rest):
             from jaxunlearn import distributed
 
             distributed.initialize(**cluster)  # before the command touches any device
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        with interruptible():
+            return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except Interrupted as err:
+        if os.environ.get("JAXUNLEARN_DEBUG"):
+            raise
+        print(f"jaxunlearn {name}: {err}", file=sys.stderr)
+        return err.exit_code
     except (JaxunlearnError, OSError) as err:
         if os.environ.get("JAXUNLEARN_DEBUG"):
             raise

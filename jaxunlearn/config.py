@@ -27,6 +27,7 @@ override and the dotted key that is wrong.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import types
 import typing
@@ -285,6 +286,17 @@ def _validate(cfg, where: str) -> None:
             raise ConfigError(f"{where}: keep and save_every must be >= 1")
 
 
+def check_alpha(alpha: Any, where: str = "alpha") -> float:
+    """`alpha` as a float if it is a finite number > 0, else a ConfigError naming `where`."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a finite number > 0, got {alpha!r}") from None
+    if isinstance(alpha, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where}: extrapolation strength must be a finite number > 0, got {alpha!r}")
+    return value
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -355,6 +367,26 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
         raise ConfigError(f"after overrides {list(overrides)}: {e}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line})", line)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
 def _override_method(data: dict, path: list[str], value: Any, text: str) -> None:
     """method.KEY=VALUE: set one key (validated with the whole section later); method.name=N resets to N's defaults."""
     if len(path) != 2:
@@ -366,9 +398,12 @@ def _override_method(data: dict, path: list[str], value: Any, text: str) -> None
 
 
 def read_yaml(path: pathlib.Path, error: type[Exception] = ConfigError) -> Any:
-    """Parse a YAML file; a syntax error raises `error` in one line naming the file and the YAML position."""
+    """Parse a YAML file; a syntax error or a duplicate key raises `error` in one line naming the
+    file and the position."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise error(f"{path}:{e.line}: {e}; remove one of them") from None
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
 

@@ -16,6 +16,9 @@ so a sweep over alphas compiles once.
 
 Extension point: RULES maps a name to an elementwise rule(ref, mem, alpha) on float32 arrays;
 add one with `@register_rule("name")`.
+
+alpha must be a finite number > 0 (config.check_alpha); anything else is a ConfigError before
+any arithmetic, so no NaN/inf forget model can be written.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 import jax
 import jax.numpy as jnp
 
+from jaxunlearn.config import check_alpha
 from jaxunlearn.errors import JaxunlearnError
 
 Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -100,6 +104,7 @@ def _momentum(prev, ref, mem, alpha, eta, rule: str):
 
 def extrapolate(ref, mem, alpha: float, rule: str = "linear", donate: bool = True):
     """The forget model for one alpha; `mem` is donated (deleted) unless donate=False."""
+    alpha = check_alpha(alpha)
     get_rule(rule)
     _check_trees(ref, mem, "extrapolate")
     fn = _extrapolate_donating if donate else _extrapolate_keeping
@@ -108,6 +113,7 @@ def extrapolate(ref, mem, alpha: float, rule: str = "linear", donate: bool = Tru
 
 def momentum_update(prev_forget, ref, mem, alpha: float, eta: float, rule: str = "linear"):
     """eta * extrapolate(ref, mem, alpha) + (1 - eta) * prev_forget (prev_forget is donated)."""
+    alpha = check_alpha(alpha)
     get_rule(rule)
     _check_trees(ref, mem, "momentum_update")
     if not 0.0 <= eta <= 1.0:
@@ -120,6 +126,7 @@ def momentum_update(prev_forget, ref, mem, alpha: float, eta: float, rule: str =
 
 def alpha_sweep(ref, mem, alphas: Iterable[float], rule: str = "linear") -> Iterator[tuple[float, object]]:
     """Yield (alpha, forget model) for each alpha; neither input is donated."""
+    alphas = [check_alpha(a) for a in alphas]
     get_rule(rule)
     _check_trees(ref, mem, "alpha_sweep")
     for alpha in alphas:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import warnings
 from typing import Any, Callable
 
 import jax
 
 from jaxunlearn import checkpoint as ck
-from jaxunlearn.config import RunConfig, from_dict, to_dict
+from jaxunlearn.config import ConfigError, RunConfig, from_dict, to_dict
 from jaxunlearn.errors import JaxunlearnError, RunError
+
+RANDOM_REFERENCE = "random"  # --reference random: start from a random initialisation of model.preset
 
 # config keys a rerun may change: they do not affect the parameters a run produces
 RESULT_NEUTRAL_KEYS = ("run_dir", "checkpoint.", "train.log_every")
@@ -171,11 +174,37 @@ def encode(tokenizer, cfg: RunConfig, rows: list) -> list[dict]:
     """QA rows -> answer-scored examples; raw texts (MUSE) -> max_len chunks scored on every token
     (data.encode_texts, the chunking the MUSE evaluation uses)."""
     from jaxunlearn.data import encode_rows, encode_texts, prompt_format_for
+    from jaxunlearn.ops import IGNORE
 
     if rows and isinstance(rows[0], str):
         return encode_texts(tokenizer, rows, cfg.data.max_len)
     fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
-    return encode_rows(tokenizer, fmt, rows, cfg.data.max_len)
+    with warnings.catch_warnings(record=True) as truncation:  # shown below unless refused
+        warnings.simplefilter("always")
+        examples = encode_rows(tokenizer, fmt, rows, cfg.data.max_len)
+    lost = sum(all(t == IGNORE for t in ex["labels"]) for ex in examples)
+    if lost:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            full = encode_rows(tokenizer, fmt, rows, 1 << 30)
+        need_one = max(len(ex["labels"]) - sum(t != IGNORE for t in ex["labels"]) + 1 for ex in full)
+        need_all = max(len(ex["input_ids"]) for ex in full)
+        raise ConfigError(
+            f"data.max_len={cfg.data.max_len}: {lost} of {len(examples)} answers would be cut entirely (no answer "
+            f"token to train on); set data.max_len (and data.buckets) to at least {need_one} "
+            f"({need_all} keeps every answer whole)"
+        )
+    for w in truncation:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    return examples
+
+
+def check_max_len(cfg: RunConfig, model_cfg) -> None:
+    """data.max_len must fit the model's position limit (else the run fails late, e.g. out of memory)."""
+    limit = model_cfg.max_position_embeddings
+    if cfg.data.max_len > limit:
+        raise ConfigError(f"data.max_len={cfg.data.max_len} exceeds the model's max_position_embeddings={limit}; "
+                          f"set data.max_len (and data.buckets) to at most {limit}")
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -208,7 +237,7 @@ def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
         if diff:
             raise RunConfigMismatchError(
                 f"{run / ck.CONFIG_FILE}: this command's config differs at {', '.join(diff)}; "
-                "rerun with the original settings or use a new run directory"
+                "rerun with the original settings, use a new run directory, or pass --overwrite to start this one afresh"
             )
     else:
         run.mkdir(parents=True, exist_ok=True)
@@ -242,10 +271,21 @@ def reference_tokenizer_folder(reference: str | None) -> str | None:
     return None
 
 
+def check_reference_source(cfg: RunConfig, run: pathlib.Path, reference: str | None) -> None:
+    """Unlearning needs a named reference: RUN/reference, --reference, model.hf_folder or --reference random."""
+    if reference is None and not ck.has_reference(run) and not cfg.model.hf_folder:
+        raise RunError(
+            "unlearn needs a model to unlearn from: pass --reference RUN_DIR (a finetuned run) or an HF folder, "
+            f"set model.hf_folder, or pass --reference {RANDOM_REFERENCE} to start from a random "
+            f"{cfg.model.preset} (pipeline tests only)"
+        )
+
+
 def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, tokenizer) -> tuple[ModelSetup, Any, str]:
     """(setup, reference params, hash) for an unlearning run; writes RUN/reference the first time."""
+    check_reference_source(cfg, run, reference)
     given = None
-    if reference is not None:
+    if reference is not None and reference != RANDOM_REFERENCE:
         ref_path = pathlib.Path(reference)
         if ck.has_reference(ref_path):  # a run directory: its result model (a finetune run's is its reference)
             meta = ck.read_meta(ck.reference_path(ref_path))

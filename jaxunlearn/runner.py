@@ -1,18 +1,19 @@
 """The training commands: finetune, unlearn (any method), continual, extrapolate, export-hf.
 
-    jaxunlearn finetune [CONFIG.yaml] [key=value ...] --run DIR [--split full] [--hf-out DIR]
-    jaxunlearn unlearn  [CONFIG.yaml] [method=NAME method.KEY=V ...] --run DIR [--reference PATH] [--overwrite]
-    jaxunlearn continual [CONFIG.yaml] [key=value ...] --run DIR --stages forget01 forget05 forget10 [--reference PATH]
+    jaxunlearn finetune [CONFIG.yaml] [key=value ...] --run DIR [--split full] [--hf-out DIR] [--overwrite]
+    jaxunlearn unlearn  [CONFIG.yaml] [method=NAME method.KEY=V ...] --run DIR [--reference PATH|random] [--overwrite]
+    jaxunlearn continual [CONFIG.yaml] [key=value ...] --run DIR --stages forget01 forget05 forget10 [--reference PATH|random]
     jaxunlearn extrapolate --run DIR [--alpha A [A ...]] [--step S] [--overwrite]
     jaxunlearn export-hf --run DIR [--which result|forget|trained|reference] [--alpha A] [--eta E] [--step S] --out DIR
 
-A run directory is laid out as in `jaxunlearn.checkpoint`. `finetune` trains a model on a
+(key=value overrides may also follow --run.) A run directory is laid out as in `jaxunlearn.checkpoint`. `finetune` trains a model on a
 benchmark split (from an HF folder, `model.hf_folder`, or a random initialisation of
 `model.preset`), checkpointing to RUN/finetune/, and writes the result as RUN/reference, so its
 run directory (or the HF folder of --hf-out) is the reference of a later `unlearn`.
 `unlearn` takes its reference from, in order: RUN/reference if present, --reference (a run
-directory, meaning its result model, or an HF folder), `model.hf_folder`, or a random
-initialisation of `model.preset`; it trains the method's objective (jaxunlearn.methods) in the
+directory, meaning its result model, or an HF folder), `model.hf_folder`, or, only when asked for
+with `--reference random`, a random initialisation of `model.preset` (without any of these it is
+refused); it trains the method's objective (jaxunlearn.methods) in the
 method's stage folder and then, for MOX and task vector, writes the forget model for
 `method.alpha` (and the momentum forget model when `method.momentum`). RUN/result.json then names
 the result model. `continual` runs `unlearn` once per forget split, each stage in RUN/K-SPLIT
@@ -22,7 +23,10 @@ Resume: rerunning the same command continues from the latest complete checkpoint
 optimiser state, RNG key, data position and, with momentum, the running forget model), so the
 result is bitwise equal to an uninterrupted run. A rerun whose resolved config differs from
 RUN/config.yaml is refused, except in keys that do not change the result (checkpointing,
-logging, run_dir; see RESULT_NEUTRAL_KEYS).
+logging, run_dir; see RESULT_NEUTRAL_KEYS). `--overwrite` (finetune, unlearn, continual) starts the
+run directory afresh instead (see `start_afresh`); for `extrapolate` it replaces forget models.
+
+Writers hold RUN/.lock (jaxunlearn.lock) for the whole command: a second writer fails at once.
 
 Expected failures raise a `jaxunlearn.errors.JaxunlearnError`; the `jaxunlearn` command prints
 them as one line and exits 1 (see jaxunlearn.cli). Checkpoints already written are kept.
@@ -42,37 +46,75 @@ import pathlib
 import jax
 
 from jaxunlearn import checkpoint as ck
-from jaxunlearn.config import ConfigError, MethodSpec, RunConfig, load_config
+from jaxunlearn.config import ConfigError, MethodSpec, RunConfig, check_alpha, load_config, to_dict
 from jaxunlearn.errors import JaxunlearnError, RunError
-from jaxunlearn.methods import get_method
-from jaxunlearn.rundir import (check_or_write_config, encode, initial_params, load_benchmark, load_run_params,
-                               load_tokenizer, reference_for, reference_meta, reference_tokenizer_folder, resolve_run,
-                               run_setup, run_tokenizer, write_result)
+from jaxunlearn.lock import run_lock
+from jaxunlearn.methods import METHODS, get_method
+from jaxunlearn.rundir import (RESULT_FILE, check_max_len, check_or_write_config, check_reference_source, encode,
+                               initial_params, load_benchmark, load_run_params, load_tokenizer, reference_for,
+                               reference_meta, reference_tokenizer_folder, resolve_run, run_setup, run_tokenizer,
+                               write_result)
 from jaxunlearn.rundir import WHICH, describe_result
 from jaxunlearn.stage import Stage, train_stage
+
+
+def start_afresh(run: pathlib.Path) -> None:
+    """Remove what an earlier command wrote into RUN (config, reference, every method's checkpoints,
+    forget models, result, metrics); other files (e.g. evaluation results) stay. Used by --overwrite,
+    under the run lock."""
+    import shutil
+
+    names = {ck.CONFIG_FILE, ck.REFERENCE_DIR, ck.FORGET_DIR, ck.METRICS_FILE, RESULT_FILE}
+    names |= {m.stage_dir for m in METHODS.values()}
+    if ck.is_primary():
+        for name in sorted(names):
+            path = run / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    ck._sync("start_afresh")
 
 # ----------------------------------------------------------------------------- commands (Python API)
 
 
-def finetune(cfg: RunConfig, run: str | pathlib.Path | None = None, split: str = "full") -> pathlib.Path:
-    """Fine-tune cfg.model on benchmark split `split`; RUN/reference holds the result."""
-    from jaxunlearn.data import PairedIterator
-    from jaxunlearn.train import copy_tree
+def finetune(
+    cfg: RunConfig, run: str | pathlib.Path | None = None, split: str = "full", overwrite: bool = False
+) -> pathlib.Path:
+    """Fine-tune cfg.model on benchmark split `split`; RUN/reference holds the result.
 
+    overwrite: start RUN afresh (see start_afresh) instead of resuming or refusing a different setting.
+    """
     cfg, run = resolve_run(dataclasses.replace(cfg, method=MethodSpec("finetune")), run)
-    method = get_method("finetune")
     bench = load_benchmark(cfg.data)
     rows = getattr(bench, split, None)
     if not isinstance(rows, list) or not rows or not isinstance(rows[0], (dict, str)):
         raise RunError(f"--split {split!r}: not a non-empty split of benchmark {bench.name}")
-    check_or_write_config(cfg, run)
+    with run_lock(run, "jaxunlearn finetune"):
+        if overwrite:
+            start_afresh(run)
+        if ck.has_reference(run):
+            done_on = ck.read_meta(ck.reference_path(run)).get("source", {}).get("finetuned_on")
+            if done_on != split:
+                raise RunError(f"{ck.reference_path(run)}: this run's reference was trained on split {done_on}, not "
+                               f"{split}; use a new run directory, or --overwrite to start this one afresh")
+        check_or_write_config(cfg, run)
+        return _finetune(cfg, run, split, bench, rows)
+
+
+def _finetune(cfg: RunConfig, run: pathlib.Path, split: str, bench, rows) -> pathlib.Path:
+    from jaxunlearn.data import PairedIterator
+    from jaxunlearn.train import copy_tree
+
+    method = get_method("finetune")
     tokenizer = load_tokenizer(cfg, bench)
     setup, params, source = initial_params(cfg, tokenizer)
+    check_max_len(cfg, setup.model_cfg)
     examples = encode(tokenizer, cfg, rows)
     it = PairedIterator(examples, examples, cfg.train.batch_size, cfg.train.seed, cfg.data.buckets, tokenizer.pad_token_id)
     stage = Stage(name="finetune", subdir=method.stage_dir, objective=build_objective(cfg),
                   batch_at=lambda i: {"train": it.batch_at(i)["forget"]}, micro_steps_per_epoch=it.steps_per_epoch,
-                  reference_hash=None)
+                  reference_hash=None, data_tag=f"split {split}")
     # the finetune objective ignores ref_params; a separate copy keeps the donated buffers apart
     state, _ = train_stage(run, cfg, setup, stage, params, copy_tree(params))
     meta = reference_meta(setup, dict(source, finetuned_on=split, steps=state.step), tokenizer)
@@ -118,23 +160,40 @@ def _batches(cfg: RunConfig, bench, tokenizer, needs: tuple[str, ...]):
 def unlearn(
     cfg: RunConfig, run: str | pathlib.Path | None = None, reference: str | None = None, overwrite: bool = False
 ) -> pathlib.Path:
-    """Train cfg.method from the reference and write its result model (see jaxunlearn.methods)."""
+    """Train cfg.method from the reference and write its result model (see jaxunlearn.methods).
+
+    reference: a run directory (its result model) or HF folder, or "random" (a random init of
+    model.preset); required unless RUN already has a reference or model.hf_folder is set.
+    overwrite: start RUN afresh (see start_afresh).
+    """
     from jaxunlearn import extrapolate as ex
-    from jaxunlearn.train import copy_tree
 
     cfg, run = resolve_run(cfg, run)
-    method, hp = get_method(cfg.method.name), cfg.method.params
+    method = get_method(cfg.method.name)
     if method.name == "finetune":
         raise RunError("method 'finetune' trains a reference: use `jaxunlearn finetune`")
     objective = build_objective(cfg)  # a bad hyper-parameter must fail now, not after training
-    rule = getattr(hp, "rule", "linear")
-    ex.get_rule(rule)
-    check_or_write_config(cfg, run)
+    ex.get_rule(getattr(cfg.method.params, "rule", "linear"))
     bench = load_benchmark(cfg.data)
+    with run_lock(run, "jaxunlearn unlearn"):
+        if overwrite:
+            start_afresh(run)
+        check_reference_source(cfg, run, reference)
+        check_or_write_config(cfg, run)
+        return _unlearn(cfg, run, reference, bench, objective)
+
+
+def _unlearn(cfg: RunConfig, run: pathlib.Path, reference: str | None, bench, objective) -> pathlib.Path:
+    from jaxunlearn import extrapolate as ex
+    from jaxunlearn.train import copy_tree
+
+    method, hp = get_method(cfg.method.name), cfg.method.params
+    rule = getattr(hp, "rule", "linear")
     # a rerun (maybe without --reference) keeps the tokenizer recorded with the run's reference
     recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
     tokenizer = load_tokenizer(cfg, bench, recorded or reference_tokenizer_folder(reference))
     setup, ref_params, ref_hash = reference_for(cfg, run, reference, tokenizer)
+    check_max_len(cfg, setup.model_cfg)
     if len(tokenizer) > setup.model_cfg.vocab_size:
         raise RunError(f"tokenizer has {len(tokenizer)} tokens but the reference model's vocab_size is "
                        f"{setup.model_cfg.vocab_size}; set data.tokenizer to the reference's tokenizer")
@@ -152,11 +211,11 @@ def unlearn(
     if method.result == "trained":
         write_result(run, method.name, {"model": "trained", "step": n_steps})
         return run
-    write_forget(run, ref_params, state.params, hp.alpha, n_steps, overwrite, rule)
+    write_forget(run, ref_params, state.params, hp.alpha, n_steps, False, rule)
     eta = None
     if momentum is not None:
         eta = hp.eta
-        _write_forget_params(run, state.extras["momentum"], hp.alpha, n_steps, eta, overwrite, rule)
+        _write_forget_params(run, state.extras["momentum"], hp.alpha, n_steps, eta, False, rule)
     write_result(run, method.name, {"model": "forget", "alpha": hp.alpha, "eta": eta})
     return run
 
@@ -205,17 +264,22 @@ def extrapolate_run(
     """Write RUN/forget/alpha_A for every alpha (default: the method's alphas, else its alpha) from
     the reference and a trained step (default: the latest). Only for methods that extrapolate."""
     run = pathlib.Path(run)
+    alphas = [check_alpha(a, f"--alpha {a}") for a in alphas or []]  # all checked before any is written
     cfg, _ = run_setup(run)
     method, hp = get_method(cfg.method.name), cfg.method.params
+    if method.name == "finetune":
+        raise RunError(f"{run}: is a finetune run (a reference model): it has no memorised model to extrapolate; "
+                       f"run `jaxunlearn unlearn --reference {run} --run NEW_RUN` first")
     if method.result != "extrapolated":
         raise RunError(f"{run}: method {method.name!r} keeps its trained model; it has nothing to extrapolate")
-    setup, ref_params, _ = load_run_params(run, "reference")
-    _, mem_params, position = load_run_params(run, "trained", step=step, mesh=setup.mesh)
-    if position.get("reference_hash") != ck.reference_hash(run):
-        raise ck.HashMismatchError(f"{run}/{method.stage_dir}: trained step was not trained from this run's reference")
-    alphas = alphas or list(getattr(hp, "alphas", [hp.alpha]))
-    rule = getattr(hp, "rule", "linear")
-    return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite, rule) for a in alphas]
+    with run_lock(run, "jaxunlearn extrapolate"):
+        setup, ref_params, _ = load_run_params(run, "reference")
+        _, mem_params, position = load_run_params(run, "trained", step=step, mesh=setup.mesh)
+        if position.get("reference_hash") != ck.reference_hash(run):
+            raise ck.HashMismatchError(f"{run}/{method.stage_dir}: trained step was not trained from this run's reference")
+        alphas = alphas or list(getattr(hp, "alphas", [hp.alpha]))
+        rule = getattr(hp, "rule", "linear")
+        return [write_forget(run, ref_params, mem_params, a, position["step"], overwrite, rule) for a in alphas]
 
 
 def export_run(run, which: str, out, alpha: float | None = None, eta: float | None = None, step: int | None = None):
@@ -224,17 +288,24 @@ def export_run(run, which: str, out, alpha: float | None = None, eta: float | No
     from jaxunlearn.models import hf, merge_params
 
     run = pathlib.Path(run)
-    setup, params, _ = load_run_params(run, which, alpha, eta, step)
+    setup, params, meta = load_run_params(run, which, alpha, eta, step)
+    cfg, _ = run_setup(run)
+    info = {"run": str(run.absolute()), "which": which, "method": cfg.method.name, "alpha": meta.get("alpha"),
+            "eta": meta.get("eta"), "step": meta.get("step", meta.get("source_step")), "data": to_dict(cfg.data)}
     out = pathlib.Path(out)
     host = ck.host_tree(params)  # every process takes part in gathering shards held elsewhere
     if ck.is_primary():
-        hf.export_hf(merge_params(setup.graphdef, host), out)
+        hf.export_hf(merge_params(setup.graphdef, host), out, info=info)
         run_tokenizer(run).save_pretrained(str(out))
     distributed.barrier("export_hf")
     return out
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+OVERWRITE_HELP = ("start the run directory afresh: delete its config, checkpoints, forget models, result and "
+                  "metrics (other files stay), e.g. to rerun a failed or finished run with a changed setting")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -258,9 +329,10 @@ def finetune_main(argv: list[str]) -> int:
     _config_args(p)
     p.add_argument("--split", default="full", help="benchmark split to train on (full, retain, forget, ...)")
     p.add_argument("--hf-out", help="also export the trained model as an HF folder here")
-    a = p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a = p.parse_intermixed_args(argv)
 
-    run = finetune(_load_cli_config(a.args), a.run, a.split)
+    run = finetune(_load_cli_config(a.args), a.run, a.split, a.overwrite)
     if a.hf_out:
         export_run(run, "reference", a.hf_out)
     print(f"reference written to {ck.reference_path(run)}")
@@ -270,9 +342,10 @@ def finetune_main(argv: list[str]) -> int:
 def unlearn_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxunlearn unlearn", description="unlearn with method=NAME (default mox)")
     _config_args(p)
-    p.add_argument("--reference", help="run directory (its result model) or HF folder of the reference (if RUN has none yet)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, different forget checkpoint")
-    a = p.parse_args(argv)
+    p.add_argument("--reference", help="run directory (its result model) or HF folder of the reference (if RUN has "
+                                       "none yet), or 'random' for a random initialisation of model.preset")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a = p.parse_intermixed_args(argv)
 
     run = unlearn(_load_cli_config(a.args), a.run, a.reference, a.overwrite)
     print(f"result model ({describe_result(run)}) in {run}")
@@ -284,9 +357,9 @@ def continual_main(argv: list[str]) -> int:
                                 description="unlearn forget splits in sequence, each from the previous result model")
     _config_args(p)
     p.add_argument("--stages", nargs="+", required=True, help="forget splits in order, e.g. forget01 forget05 forget10")
-    p.add_argument("--reference", help="run directory or HF folder the first stage starts from")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, different forget checkpoint")
-    a = p.parse_args(argv)
+    p.add_argument("--reference", help="run directory or HF folder the first stage starts from, or 'random'")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    a = p.parse_intermixed_args(argv)
 
     for sub in continual(_load_cli_config(a.args), a.run, a.stages, a.reference, a.overwrite):
         print(f"{sub.name}: result model ({describe_result(sub)})")
@@ -298,7 +371,7 @@ def extrapolate_main(argv: list[str]) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--alpha", type=float, nargs="+", help="alphas to write (default: method.alphas of the run)")
     p.add_argument("--step", type=int, help="trained step to use (default: latest)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing, different forget models")
     a = p.parse_args(argv)
 
     for path in extrapolate_run(a.run, a.alpha, a.step, a.overwrite):

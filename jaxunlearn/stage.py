@@ -31,6 +31,7 @@ class Stage:
     micro_steps_per_epoch: int
     reference_hash: str | None  # recorded in every checkpoint and checked on resume
     momentum: Callable | None = None  # (running_forget or None, ref, mem) -> running_forget
+    data_tag: str | None = None  # what the stage trains on (e.g. "split full"); checked on resume
     momentum_every: int = 0  # optimiser steps between momentum updates (0: once per epoch); the last step always updates
 
 
@@ -38,10 +39,12 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     """Train (or resume) a stage; returns (final TrainState, total micro-steps).
 
     start_params are used only when the stage has no checkpoint yet (they may be donated).
+    SIGTERM/SIGINT: the step in flight finishes, a checkpoint of it is written (unless that step
+    was just saved) and `interrupt.Interrupted` propagates to the CLI (exit 143 / 130).
     """
-    from tqdm import tqdm
-
     from jaxunlearn import optim, train
+    from jaxunlearn.interrupt import Interrupted
+    from jaxunlearn.progress import Progress
     from jaxunlearn.data import host_slice, to_global
     from jaxunlearn.sharding import batch_sharding, check_batch_divisible
 
@@ -62,11 +65,11 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     mgr = ck.MemorizedCheckpoints(run, cfg.checkpoint.keep, cfg.checkpoint.async_save, subdir=stage.subdir)
     try:
         state = _start_state(run, mgr, setup, stage, optimizer, opt_shardings, start_params, ref_params, base_key)
-        bar = tqdm(total=n_steps, initial=state.step, desc=stage.name, disable=None if ck.is_primary() else True,
-                   leave=False)
+        bar = Progress(total=n_steps, initial=state.step, desc=stage.name, silent=not ck.is_primary())
+        saved = {state.step}  # steps with a checkpoint (finalised or in flight)
 
         def on_step(st, metrics):
-            bar.update(1)
+            bar.update(st.step, metrics.get("loss"))
             extras = dict(st.extras, rng=jax.random.fold_in(base_key, st.step))
             # the momentum model blends every momentum_every steps and at the last step, so it includes the final update
             if stage.momentum is not None and (st.step % momentum_every == 0 or st.step == n_steps):
@@ -77,21 +80,28 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
             if st.step % cfg.train.log_every == 0 or st.step == n_steps:
                 record = {"stage": stage.name, "step": st.step, "epoch": st.step / stage.micro_steps_per_epoch}
                 ck.append_metrics(run, dict(record, **metrics))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if st.step % save_every == 0 or st.step == n_steps:
                 _save(mgr, st, stage, plan)
+                saved.add(st.step)
             return st
 
         batch_shard = batch_sharding(setup.mesh)
-        state = train.train_loop(
-            step_fn,
-            state,
-            ref_params,
-            lambda k: (stage.batch_at(i) for i in range(k, n_steps)),
-            n_steps,
-            on_step=on_step,
-            put_batch=lambda b: to_global(host_slice(b), batch_shard),
-        )
+        try:
+            state = train.train_loop(
+                step_fn,
+                state,
+                ref_params,
+                lambda k: (stage.batch_at(i) for i in range(k, n_steps)),
+                n_steps,
+                on_step=on_step,
+                put_batch=lambda b: to_global(host_slice(b), batch_shard),
+            )
+        except Interrupted as stop:
+            bar.close()
+            if stop.state is not None and stop.state.step not in saved:
+                _save(mgr, stop.state, stage, plan)
+            mgr.wait_until_finished()
+            raise
         bar.close()
         mgr.wait_until_finished()
         return state, n_steps
@@ -113,6 +123,7 @@ def _save(mgr: ck.MemorizedCheckpoints, state, stage: Stage, plan) -> None:
         "optimizer_step": state.step // plan.grad_accum,
         "reference_hash": stage.reference_hash,
         "momentum_updates": state.extras.get("momentum_updates", 0),
+        "data": stage.data_tag,
     }
     mgr.save(state.step, state.params, _opt_item(state), state.extras["rng"], position)
 
@@ -132,6 +143,14 @@ def _start_state(run, mgr, setup, stage, optimizer, opt_shardings, start_params,
                 f"{mgr.directory}/{got['step']}: checkpoint was trained against reference "
                 f"{str(recorded)[:12]}, but the run's reference is {str(stage.reference_hash)[:12]}"
             )
+        trained_on = got["position"].get("data")
+        if trained_on != stage.data_tag:
+            raise RunError(
+                f"{mgr.directory}/{got['step']}: checkpoint was trained on {trained_on}, this command asks for "
+                f"{stage.data_tag}; use a new run directory, or --overwrite to start this one afresh"
+            )
+        # steps logged after this checkpoint (before an interruption) are logged again below: drop them
+        ck.truncate_metrics(run, stage.name, got["step"])
         ck.append_metrics(run, {"stage": stage.name, "event": "resume", "step": got["step"]})
         extras = {"rng": got["rng"]}
         if stage.momentum is not None:

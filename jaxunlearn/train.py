@@ -24,6 +24,14 @@ train_loop(step_fn, state, ref_params, batches_from, n_steps, on_step) runs micr
 state.step .. n_steps-1. `batches_from(k)` must return an iterator starting at micro-step k,
 so resuming from a restored state at step k replays exactly the batches an uninterrupted
 run would have seen; all state that changes across steps is in TrainState.
+
+Preemption: while train_loop runs (in the main thread), SIGTERM and SIGINT only set a flag; the
+step in flight finishes, on_step runs for it (so the caller's logging and checkpoint schedule see
+it), and the loop raises `Interrupted` carrying that state. The caller writes a checkpoint of
+`err.state` and exits with `err.exit_code` (143 for SIGTERM, 130 for SIGINT) after printing
+`err` ("interrupted at step N; rerun the same command to resume"). A second signal of either
+kind stops at once (Interrupted without a state). `interruptible()` makes SIGTERM behave like
+Ctrl-C (an `Interrupted` exception) around code outside the loop.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.interrupt import Interrupted, StopFlag, deferred_signals
 from jaxunlearn.sharding import batch_sharding, replicated
 
 
@@ -173,12 +182,19 @@ def train_loop(
     on_step(state, metrics) runs after every finite step with the new state (state.step already
     incremented) and host metrics; it may return a replacement state (e.g. with updated extras)
     or None. put_batch turns a host batch into device arrays (e.g. data.to_global); default:
-    passed to the jitted step as is.
+    passed to the jitted step as is. SIGTERM/SIGINT end the loop after the step in flight with
+    `Interrupted(signum, state)` (see the module docstring).
     """
     if state.step >= n_steps:
         return state
-    batches = iter(batches_from(state.step))
+    with deferred_signals() as stop:
+        return _loop(step_fn, state, ref_params, iter(batches_from(state.step)), n_steps, on_step, put_batch, stop)
+
+
+def _loop(step_fn, state, ref_params, batches, n_steps, on_step, put_batch, stop: StopFlag) -> TrainState:
     while state.step < n_steps:
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, state)
         try:
             batch = next(batches)
         except StopIteration:
@@ -200,6 +216,8 @@ def train_loop(
             replaced = on_step(state, metrics)
             if replaced is not None:
                 state = replaced
+    if stop.signum is not None:
+        raise Interrupted(stop.signum, state)
     return state
 
 

@@ -167,6 +167,25 @@ def test_memorized_saved_on_8_restores_on_4_and_1(tmp_path):
     mem.close()
 
 
+def test_memorized_step_records_and_checks_content_hashes(tmp_path):
+    """Each step records sha256 of params, opt_state and rng; a restore that reads different
+    values (here: the step's params overwritten in place by another tree) is refused."""
+    params = _params(2)
+    opt_state = {"count": jnp.zeros((), jnp.int32)}
+    with ck.MemorizedCheckpoints(tmp_path) as mem:
+        mem.save(1, params, opt_state, jax.random.key(0), {"step": 1})
+        mem.save(2, jax.tree.map(lambda x: x + 1, params), opt_state, jax.random.key(0), {"step": 2})
+    root = tmp_path / ck.MEMORIZED_DIR
+    recorded = json.loads((root / "1" / "position" / "metadata").read_text())["hashes"]
+    assert recorded["params"] == ck.params_hash(params) and set(recorded) == {"params", "opt_state", "rng"}
+    shutil.rmtree(root / "1" / "params")
+    shutil.copytree(root / "2" / "params", root / "1" / "params")  # valid Orbax data, wrong values
+    with ck.MemorizedCheckpoints(tmp_path) as mem:
+        assert mem.restore(ck.abstract_tree(params), step=2)["step"] == 2
+        with pytest.raises(ck.HashMismatchError, match="1: memorised params do not match"):
+            mem.restore(ck.abstract_tree(params), step=1)
+
+
 def test_memorized_unfinished_step_is_ignored(tmp_path):
     params = _params(4)
     with ck.MemorizedCheckpoints(tmp_path) as mem:

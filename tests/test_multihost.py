@@ -173,11 +173,11 @@ def runs(tmp_path_factory):
     config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     one, two = folder / "one", folder / "two"
-    unlearn = ["unlearn", str(config), "--run", str(two)]
+    unlearn = ["unlearn", str(config), "--run", str(two), "--reference", "random"]
     export = ["export-hf", "--run", str(two), "--which", "forget", "--out", str(two / "hf")]
     cluster = TwoProcesses(folder, lambda i: [unlearn, export])
     try:
-        runner.unlearn(load_config(config), one)  # meanwhile: the same run in this 8-device process
+        runner.unlearn(load_config(config), one, "random")  # meanwhile: the same run in this 8-device process
     finally:
         results = cluster.wait()
     for status, out in results:
@@ -221,7 +221,8 @@ def test_two_processes_resume_bitwise(runs):
     assert steps == [2, 4]
     shutil.rmtree(cut / ck.MEMORIZED_DIR / "4")
     shutil.rmtree(cut / ck.FORGET_DIR)
-    for status, out in TwoProcesses(folder, lambda i: [["unlearn", str(config), "--run", str(cut)]]).wait():
+    again = ["unlearn", str(config), "--run", str(cut), "--reference", "random"]
+    for status, out in TwoProcesses(folder, lambda i: [again]).wait():
         assert status == 0, out[-3000:]
     assert [r["step"] for r in ck.read_metrics(cut) if r.get("event") == "resume"] == [2]
     assert [m["hash"] for m in ck.list_forget(cut)] == [m["hash"] for m in ck.list_forget(two)]
@@ -232,7 +233,8 @@ def test_run_directory_not_shared_is_one_line_error(tmp_path):
     """Each process sees its own folder (as with a host's local disk): both stop with one line."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    results = TwoProcesses(tmp_path, lambda i: [["unlearn", str(config), "--run", str(tmp_path / f"local{i}")]]).wait()
+    local = lambda i: [["unlearn", str(config), "--run", str(tmp_path / f"local{i}"), "--reference", "random"]]  # noqa: E731
+    results = TwoProcesses(tmp_path, local).wait()
     for i, (status, out) in enumerate(results):
         assert status == 1, out[-3000:]
         errors = [line for line in out.splitlines() if "error" in line]

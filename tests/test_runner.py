@@ -65,7 +65,7 @@ def runs(work):
     clean, killed = work / "clean", work / "killed"
     # the uninterrupted run goes alongside the one to be killed (XLA compiles on one core each)
     logs = [open(work / f"{run.name}.log", "wb") for run in (clean, killed)]
-    procs = [subprocess.Popen(_cmd("unlearn", cfg, "--run", run), env=_env(work), stdout=log, stderr=log)
+    procs = [subprocess.Popen(_cmd("unlearn", cfg, "--run", run, "--reference", "random"), env=_env(work), stdout=log, stderr=log)
              for run, log in zip((clean, killed), logs)]
     deadline = time.time() + 300
     while not _steps(killed) and procs[1].poll() is None and time.time() < deadline:
@@ -77,7 +77,7 @@ def runs(work):
     for log in logs:
         log.close()
 
-    done = subprocess.run(_cmd("unlearn", cfg, "--run", killed), env=_env(work), capture_output=True, text=True)
+    done = subprocess.run(_cmd("unlearn", cfg, "--run", killed, "--reference", "random"), env=_env(work), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return clean, killed, killed_at
 
@@ -147,7 +147,7 @@ def test_reference_hash_mismatch_stops_and_loses_nothing(runs, work, capsys):
 
 def test_non_finite_step_stops_and_keeps_last_good_checkpoint(work, capsys):
     run = work / "nonfinite"
-    argv = [str(work / "tiny.yaml"), "train.lr=1e30", "checkpoint.save_every=1", "--run", str(run)]
+    argv = [str(work / "tiny.yaml"), "train.lr=1e30", "checkpoint.save_every=1", "--run", str(run), "--reference", "random"]
     assert cli.main(["unlearn", *argv]) == 1
     err = _last_err(capsys)
     assert len(err) == 1 and "non-finite" in err[0], err
@@ -249,7 +249,7 @@ def test_momentum_that_would_never_update_is_refused_before_training(tmp_path, m
     monkeypatch.setattr(train, "train_loop", train_loop)
     cfg = from_dict(dict(TINY, method=dict(TINY["method"], momentum_every=TOTAL_STEPS + 1)))
     with pytest.raises(ValueError, match="momentum_every.*no momentum update"):
-        runner.unlearn(cfg, tmp_path / "run")
+        runner.unlearn(cfg, tmp_path / "run", reference="random")
     assert _steps(tmp_path / "run") == []
 
 

@@ -39,9 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="for --which memorized: the step (default: latest)")
     p.add_argument("--benchmark", choices=["tofu", "synthetic", "muse"], help="for an HF folder (default tofu)")
     p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the hub")
-    p.add_argument("--forget-split", default="forget10")
-    p.add_argument("--synthetic-seed", type=int, default=0)
-    p.add_argument("--synthetic-entities", type=int, default=40)
+    p.add_argument("--forget-split", help="TOFU forget split (HF folder: default the one recorded by export-hf, "
+                                          "else forget10)")
+    p.add_argument("--synthetic-seed", type=int, help="(HF folder: default recorded by export-hf, else 0)")
+    p.add_argument("--synthetic-entities", type=int, help="(HF folder: default recorded by export-hf, else 40)")
     p.add_argument("--muse-corpus", default="news")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's folder)")
     p.add_argument("--prompt-format", help="qa, llama2-chat or chat (default: from the tokenizer)")
@@ -100,11 +101,15 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
     folder = pathlib.Path(args.target)
     if args.out is None:
         raise EvalError("--out is required when evaluating a Hugging Face folder")
-    args.benchmark = args.benchmark or "tofu"
+    _benchmark_from_export(args, folder)
     if args.benchmark == "tofu":
         bench = data.tofu_benchmark(args.forget_split, source=args.data_source)
-    elif args.benchmark == "synthetic":
-        bench = data.synthetic_benchmark(seed=args.synthetic_seed, n_entities=args.synthetic_entities)
+    elif args.benchmark == "synthetic":  # built as a training run builds it (forget split -> forget authors)
+        from jaxunlearn.config import DataSpec
+        from jaxunlearn.rundir import load_benchmark
+
+        bench = load_benchmark(DataSpec(benchmark="synthetic", forget_split=args.forget_split,
+                                        synthetic_seed=args.synthetic_seed, synthetic_entities=args.synthetic_entities))
     else:
         bench = data.muse_benchmark(args.muse_corpus, source=args.data_source)
     tok_dir = pathlib.Path(args.tokenizer or folder)
@@ -126,6 +131,28 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
                           batch_size=args.batch_size, buckets=_buckets(args.max_len), max_len=args.max_len)
     label = args.label or folder.name
     return [(label, "hf", _evaluate(ev, bench, args, label))]
+
+
+# HF-folder benchmark options, the DataSpec field each matches, and the default without an export record
+_EXPORT_DATA_ARGS = (("benchmark", "benchmark", "tofu"), ("forget_split", "forget_split", "forget10"),
+                     ("synthetic_seed", "synthetic_seed", 0), ("synthetic_entities", "synthetic_entities", 40))
+
+
+def _benchmark_from_export(args, folder: pathlib.Path) -> None:
+    """Fill unset benchmark options from the data settings `export-hf` recorded in the folder; warn
+    when a given option differs from them (the numbers then do not describe the run's benchmark)."""
+    from jaxunlearn.models.hf import EXPORT_MARKER
+
+    record = {}
+    if (folder / EXPORT_MARKER).is_file():
+        record = (json.loads((folder / EXPORT_MARKER).read_text()) or {}).get("data") or {}
+    for arg, key, default in _EXPORT_DATA_ARGS:
+        given, recorded = getattr(args, arg), record.get(key)
+        if given is None:
+            setattr(args, arg, recorded if recorded is not None else default)
+        elif recorded is not None and given != recorded:
+            print(f"jaxunlearn eval: warning: --{arg.replace('_', '-')} {given} differs from the {recorded} this model "
+                  f"was trained with ({folder / EXPORT_MARKER}); results are not comparable with the run's", file=sys.stderr)
 
 
 def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:

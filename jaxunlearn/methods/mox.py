@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from jaxunlearn.config import ConfigError
+from jaxunlearn.config import ConfigError, check_alpha
 from jaxunlearn.methods.registry import Method, register
 
 OBJECTIVES = ("mox", "mox_npo", "mox_targeted")
@@ -48,10 +48,11 @@ def _check(p: MoxParams, where: str) -> None:
         raise ConfigError(f"{where}.momentum_every: must be >= 0, got {p.momentum_every}")
     if not p.beta > 0:  # the NPO losses divide by beta
         raise ConfigError(f"{where}.beta: must be > 0, got {p.beta}")
-    if not p.alpha > 0:
-        raise ConfigError(f"{where}.alpha: must be > 0, got {p.alpha}")
-    if not p.alphas or not all(a > 0 for a in p.alphas):
-        raise ConfigError(f"{where}.alphas: must be a non-empty list of values > 0, got {list(p.alphas)}")
+    check_alpha(p.alpha, f"{where}.alpha")
+    if not p.alphas:
+        raise ConfigError(f"{where}.alphas: must be a non-empty list of finite values > 0, got []")
+    for i, a in enumerate(p.alphas):
+        check_alpha(a, f"{where}.alphas[{i}]")
 
 
 register(Method(

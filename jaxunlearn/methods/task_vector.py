@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jaxunlearn.config import ConfigError
+from jaxunlearn.config import check_alpha
 from jaxunlearn.methods.registry import Method, register
 
 
@@ -19,8 +19,7 @@ class TaskVectorParams:
 
 
 def _check(p: TaskVectorParams, where: str) -> None:
-    if not p.alpha > 0:
-        raise ConfigError(f"{where}.alpha: must be > 0, got {p.alpha}")
+    check_alpha(p.alpha, f"{where}.alpha")
 
 
 register(Method(

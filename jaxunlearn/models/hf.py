@@ -31,6 +31,7 @@ from jaxunlearn.models.config import ModelConfig
 from jaxunlearn.models.decoder import CausalLM, split_params
 
 INDEX_FILE = "model.safetensors.index.json"
+EXPORT_MARKER = "jaxunlearn_export.json"  # marks a folder written by export_hf (and what it holds)
 SINGLE_FILE = "model.safetensors"
 
 
@@ -290,12 +291,18 @@ def _write_export(folder: pathlib.Path, shards: list[dict], tensors: dict, confi
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def export_hf(model: CausalLM, folder, max_shard_size="2GB", params=None) -> pathlib.Path:
+def export_hf(model: CausalLM, folder, max_shard_size="2GB", params=None, info: dict | None = None) -> pathlib.Path:
     """Write config.json and safetensors weights (sharded with an index above max_shard_size).
 
     `params` (optional) replaces the model's own parameters, e.g. an extrapolated pytree.
+    `folder` must be new, empty or an earlier export (it holds EXPORT_MARKER, which records
+    `info`, e.g. the run and benchmark the weights come from); any other non-empty folder is
+    refused, so unrelated files are never overwritten. Files are written with mode 0644.
     """
     folder = pathlib.Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_MARKER).exists():
+        raise FileExistsError(f"{folder}: folder is not empty and holds no earlier export ({EXPORT_MARKER}); "
+                              "export into a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     tensors = hf_state_dict(params if params is not None else model, cfg)
@@ -315,10 +322,12 @@ def export_hf(model: CausalLM, folder, max_shard_size="2GB", params=None) -> pat
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=folder))
     try:
         _write_export(tmp, shards, tensors, cfg.to_hf_dict(dtype=dtypes.pop()))
+        (tmp / EXPORT_MARKER).write_text(json.dumps(info or {}, indent=2, sort_keys=True) + "\n")
         for stale in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
             if stale.exists():
                 stale.unlink()
         for f in tmp.iterdir():
+            os.chmod(f, 0o644)  # readable by others, like save_pretrained's files
             os.replace(f, folder / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
