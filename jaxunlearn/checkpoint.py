@@ -39,6 +39,7 @@ import pathlib
 import shutil
 import time
 import uuid
+import warnings
 from typing import Any
 
 import jax
@@ -121,6 +122,8 @@ def _quiet_orbax_errors() -> None:
         logger = logging.getLogger(name)
         if _QUIET not in logger.filters:
             logger.addFilter(_QUIET)
+    if not os.environ.get("JAXUNLEARN_DEBUG"):  # a write abandoned by a failed save leaves its coroutine unawaited
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     if getattr(sys.unraisablehook, "_jaxunlearn_quiet", False):
         return
     previous = sys.unraisablehook

@@ -64,6 +64,8 @@ def start_afresh(run: pathlib.Path) -> None:
     under the run lock."""
     import shutil
 
+    from jaxunlearn.distributed import barrier
+
     names = {ck.CONFIG_FILE, ck.REFERENCE_DIR, ck.FORGET_DIR, ck.METRICS_FILE, RESULT_FILE}
     names |= {m.stage_dir for m in METHODS.values()}
     if ck.is_primary():
@@ -73,7 +75,8 @@ def start_afresh(run: pathlib.Path) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    ck._sync("start_afresh")
+    barrier("start_afresh")
+
 
 # ----------------------------------------------------------------------------- commands (Python API)
 
