@@ -38,6 +38,7 @@ import sys
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxunlearn import checkpoint as ck
 from jaxunlearn.config import RunConfig, from_dict, load_config, to_dict
@@ -245,13 +246,15 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
 
     from jaxunlearn import optim, train
     from jaxunlearn.data import host_slice, to_global
+    from jaxunlearn.objectives.common import with_loss_chunk
     from jaxunlearn.sharding import batch_sharding, check_batch_divisible
 
     check_batch_divisible(cfg.train.batch_size, setup.mesh, "train.batch_size")
     optimizer, schedule, plan = optim.optimizer_from_spec(cfg.train, stage.micro_steps_per_epoch)
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
+    apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk)
     step_fn = train.make_train_step(
-        stage.objective, setup.apply, optimizer, setup.mesh, setup.shardings, opt_shardings, schedule=schedule
+        stage.objective, apply, optimizer, setup.mesh, setup.shardings, opt_shardings, schedule=schedule
     )
     n_steps = plan.total_micro_steps
     save_every = cfg.checkpoint.save_every * cfg.train.grad_accum
@@ -423,6 +426,17 @@ def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, toke
     return setup, params, digest
 
 
+def cast_reference(params, dtype: str | None):
+    """The frozen reference as held during training: floating leaves cast to `dtype` (same
+    shardings); `params` itself when dtype is None or every floating leaf already has it."""
+    if dtype is None:
+        return params
+    floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if all(x.dtype == jnp.dtype(dtype) for x in floating):
+        return params
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def unlearn(
     cfg: RunConfig, run: str | pathlib.Path | None = None, reference: str | None = None, overwrite: bool = False
 ) -> pathlib.Path:
@@ -470,7 +484,12 @@ def unlearn(
     with ck.MemorizedCheckpoints(run, subdir=ck.MEMORIZED_DIR) as mgr:
         fresh = mgr.latest_step() is None
     start = copy_tree(ref_params) if fresh else None  # the trainable copy (donated by the step)
-    state, n_steps = train_stage(run, cfg, setup, stage, start, ref_params)
+    step_ref = cast_reference(ref_params, cfg.model.reference_dtype)  # after its hash was checked
+    cast = step_ref is not ref_params
+    del ref_params  # with a cast, the stored-precision reference leaves the devices while training
+    state, n_steps = train_stage(run, cfg, setup, stage, start, step_ref)
+    # extrapolation uses the stored reference (hash-verified again), never the cast one
+    ref_params = ck.load_reference(run, setup.abstract)[0] if cast else step_ref
     write_forget(run, ref_params, state.params, alpha, n_steps, overwrite, cfg.mox.rule)
     if cfg.mox.momentum:
         _write_forget_params(run, state.extras["momentum"], alpha, n_steps, eta, overwrite, cfg.mox.rule)
