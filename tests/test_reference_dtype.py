@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxunlearn import checkpoint as ck
 from jaxunlearn import extrapolate as ex
 from jaxunlearn import runner
 from jaxunlearn.config import ConfigError
