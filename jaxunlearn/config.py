@@ -44,6 +44,9 @@ class ModelSpec:
     dtype: str = "float32"  # compute dtype ("float32" | "bfloat16")
     param_dtype: str = "float32"  # storage dtype of the trainable parameters
     init_seed: int = 0  # seed of the random initialisation (preset only)
+    scan_layers: bool = True  # run the decoder layers as one jax.lax.scan (False: a Python loop, same numbers)
+    remat: str = "none"  # per-layer rematerialisation: none|full|dots|dots_with_no_batch_dims|save_qkv_proj|save_qkv_out_proj
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla|cudnn (NVIDIA GPUs)
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,12 @@ def _build(cls, data: Any, where: str):
 
 def _validate(cfg, where: str) -> None:
     """Cross-field checks that a type alone cannot express."""
+    if isinstance(cfg, ModelSpec):
+        from jaxunlearn.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
+        for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS)):
+            if getattr(cfg, name) not in known:
+                raise ConfigError(f"{where}.{name}: unknown {name} {getattr(cfg, name)!r} (one of {', '.join(known)})")
     if isinstance(cfg, DataSpec):
         if cfg.benchmark not in ("synthetic", "tofu", "muse"):
             raise ConfigError(f"{where}.benchmark: expected synthetic|tofu|muse, got {cfg.benchmark!r}")
