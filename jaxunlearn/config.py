@@ -47,6 +47,9 @@ class ModelSpec:
     # dtype the frozen reference is held in on device during unlearning (None = as the parameters);
     # its hash is checked on the stored checkpoint first; extrapolation uses the stored reference
     reference_dtype: Optional[str] = None
+    scan_layers: bool = True  # run the decoder layers as one jax.lax.scan (False: a Python loop, same numbers)
+    remat: str = "none"  # per-layer rematerialisation: none|full|dots|dots_with_no_batch_dims|save_qkv_proj|save_qkv_out_proj
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla|cudnn (NVIDIA GPUs)
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,12 @@ def _validate(cfg, where: str) -> None:
     if isinstance(cfg, RunConfig) and cfg.mox.momentum and cfg.model.reference_dtype not in (None, cfg.model.param_dtype):
         raise ConfigError(f"{where}.model.reference_dtype: mox.momentum blends the reference into the forget model "
                           f"at full precision; leave reference_dtype null or equal to param_dtype with momentum")
+    if isinstance(cfg, ModelSpec):
+        from jaxunlearn.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
+        for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS)):
+            if getattr(cfg, name) not in known:
+                raise ConfigError(f"{where}.{name}: unknown {name} {getattr(cfg, name)!r} (one of {', '.join(known)})")
     if isinstance(cfg, DataSpec):
         if cfg.benchmark not in ("synthetic", "tofu", "muse"):
             raise ConfigError(f"{where}.benchmark: expected synthetic|tofu|muse, got {cfg.benchmark!r}")

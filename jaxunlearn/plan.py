@@ -48,22 +48,17 @@ class PlanSpec:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights (and Adam state) dtype
     reference_dtype: str | None = None  # None = as param_dtype
-    remat: str = "full"  # "none" | "full"
+    remat: str = "full"  # a models.config.REMAT_POLICIES name
+    scan_layers: bool = True  # False: the layers unrolled in a Python loop (compile time grows with depth)
     loss_chunk: int = 256  # 0 = full logits
 
 
 def model_config(spec: PlanSpec):
-    """The ModelConfig of spec.shape (preset name or HF folder) with spec's remat setting."""
+    """The ModelConfig of spec.shape: a preset name or a Hugging Face folder with config.json."""
     from jaxunlearn.models import ModelConfig
 
     folder = pathlib.Path(spec.shape)
-    cfg = ModelConfig.from_hf_folder(folder) if (folder / "config.json").is_file() else ModelConfig.preset(spec.shape)
-    if spec.remat not in REMAT:
-        raise ValueError(f"--remat {spec.remat!r}: expected one of {', '.join(REMAT)}")
-    return cfg.replace(remat=REMAT[spec.remat])
-
-
-REMAT = {"none": False, "full": True}
+    return ModelConfig.from_hf_folder(folder) if (folder / "config.json").is_file() else ModelConfig.preset(spec.shape)
 
 
 def run_config(spec: PlanSpec):
@@ -71,7 +66,8 @@ def run_config(spec: PlanSpec):
     from jaxunlearn.config import from_dict
 
     return from_dict({
-        "model": {"dtype": spec.dtype, "param_dtype": spec.param_dtype, "reference_dtype": spec.reference_dtype},
+        "model": {"dtype": spec.dtype, "param_dtype": spec.param_dtype, "reference_dtype": spec.reference_dtype,
+                  "remat": spec.remat, "scan_layers": spec.scan_layers},
         "mesh": {"data": spec.data, "fsdp": spec.fsdp, "tensor": spec.tensor},
         "train": {"loss_chunk": spec.loss_chunk, "batch_size": max(spec.forget, spec.retain, 1)},
         "mox": {"objective": spec.objective},
@@ -133,14 +129,14 @@ def plan(spec: PlanSpec) -> dict:
     from jaxunlearn.objectives.common import with_loss_chunk
 
     cfg = run_config(spec)
-    model_cfg = model_config(spec)
-    setup = runner.model_setup(model_cfg, cfg)
+    setup = runner.model_setup(model_config(spec), cfg)
+    model_cfg = setup.model_cfg
     ref_abstract = ck.abstract_tree(
         jax.eval_shape(lambda p: runner.cast_reference(p, cfg.model.reference_dtype), setup.abstract), setup.shardings)
     optimizer, schedule, _ = optim.optimizer_from_spec(cfg.train, 100)
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
     opt_abstract = ck.abstract_tree(jax.eval_shape(optimizer.init, setup.abstract), opt_shardings)
-    step = train.make_train_step(objective_from_spec(cfg.mox), with_loss_chunk(setup.apply, cfg.train.loss_chunk, setup.mesh, setup.shardings),
+    step = train.make_train_step(objective_from_spec(cfg.mox), with_loss_chunk(setup.apply, cfg.train.loss_chunk, setup.shardings),
                                  optimizer, setup.mesh, setup.shardings, opt_shardings, schedule=schedule)
     batch = abstract_batch(spec, setup.mesh)
 
@@ -192,7 +188,7 @@ def format_report(r: dict) -> str:
         f"step: objective {s['objective']}, batch forget {s['forget']} + retain {s['retain']}"
         + (f" + target {s['target']}" if s["target"] else "") + f" x {s['seq_len']} tokens, "
         f"compute {s['dtype']}, params {s['param_dtype']}, reference {ref}, remat {s['remat']}, "
-        f"loss_chunk {s['loss_chunk']}",
+        f"{'scanned' if s['scan_layers'] else 'unrolled'} layers, loss_chunk {s['loss_chunk']}",
         "memory per device: " + ", ".join(
             f"{k} {size(m[k])}" for k in ("arguments", "temporaries", "outputs", "aliased", "total")),
         "arguments per device: " + ", ".join(f"{k} {size(v)}" for k, v in r["arguments_per_device"].items()),
@@ -231,7 +227,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--target", type=int, default=d.target, help="target sequences per step (mox_targeted)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--objective", default=d.objective, help="a registered objective (mox, npo, graddiff, ...)")
-    p.add_argument("--remat", default=d.remat, choices=sorted(REMAT))
+    p.add_argument("--remat", default=d.remat, help="per-layer remat policy: none, full, dots, "
+                   "dots_with_no_batch_dims, save_qkv_proj, save_qkv_out_proj (as MaxText's)")
+    p.add_argument("--no-scan-layers", action="store_true", help="unroll the layers (no jax.lax.scan)")
     p.add_argument("--dtype", default=d.dtype, help="compute dtype")
     p.add_argument("--param-dtype", default=d.param_dtype, help="master-weight dtype")
     p.add_argument("--reference-dtype", default=d.reference_dtype, help="frozen reference dtype (default: param dtype)")
@@ -243,7 +241,7 @@ def main(argv: list[str]) -> int:
     spec = PlanSpec(shape=a.shape, forget=a.forget, retain=a.retain, target=a.target, seq_len=a.seq_len,
                     objective=a.objective, data=a.data, fsdp=a.fsdp, tensor=a.tensor, dtype=a.dtype,
                     param_dtype=a.param_dtype, reference_dtype=a.reference_dtype, remat=a.remat,
-                    loss_chunk=a.loss_chunk)
+                    scan_layers=not a.no_scan_layers, loss_chunk=a.loss_chunk)
     result = plan(spec)
     print(format_report(result))
     if a.json:

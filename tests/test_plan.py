@@ -8,7 +8,7 @@ import pytest
 
 from jaxunlearn import cli
 from jaxunlearn.models import ModelConfig
-from jaxunlearn.plan import PlanSpec, analytic_flops, model_config, plan, simulate_devices
+from jaxunlearn.plan import PlanSpec, analytic_flops, model_config, plan, run_config, simulate_devices
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,15 @@ def test_bf16_reference_halves_its_bytes():
 
 def test_named_shapes_and_errors(tmp_path):
     cfg = model_config(PlanSpec(shape="Llama-3.1-8B"))
-    assert (cfg.vocab_size, cfg.num_layers, cfg.num_kv_heads, cfg.remat) == (128256, 32, 8, True)
+    assert (cfg.vocab_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) == (128256, 32, 8, 128)
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(ModelConfig.preset("tiny-phi").to_hf_dict()))
-    assert model_config(PlanSpec(shape=str(folder), remat="none")).arch == "phi"
+    assert model_config(PlanSpec(shape=str(folder))).arch == "phi"
     with pytest.raises(ValueError, match="unknown model preset 'nope'"):
         model_config(PlanSpec(shape="nope"))
-    with pytest.raises(ValueError, match="--remat 'some'"):
-        model_config(PlanSpec(shape="tiny-llama", remat="some"))
+    with pytest.raises(ValueError, match="plan.model.remat: unknown remat 'some'"):
+        run_config(PlanSpec(shape="tiny-llama", remat="some"))
     with pytest.raises(ValueError, match="--devices 16: JAX is already running with 8 devices"):
         simulate_devices(16)
     assert cli.main(["plan", "tiny-llama", "--forget", "3", "--seq-len", "8"]) == 2  # 3 not divisible by 8

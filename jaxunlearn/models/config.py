@@ -30,6 +30,16 @@ class ModelConfigError(ValueError):
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# Rematerialisation of each decoder layer in the backward pass (names as in MaxText's remat_policy):
+#   none                     keep every activation (no jax.checkpoint)
+#   full                     keep only each layer's input; recompute the rest
+#   dots                     keep the outputs of every matmul (jax.checkpoint_policies.checkpoint_dots)
+#   dots_with_no_batch_dims  keep weight matmuls (projections), recompute attention (MaxText "minimal")
+#   save_qkv_proj            keep the query/key/value projections only
+#   save_qkv_out_proj        keep the query/key/value and attention output projections
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj", "save_qkv_out_proj")
+# jax.nn.dot_product_attention implementations: "xla" runs everywhere; "cudnn" (flash attention) on NVIDIA GPUs
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -97,9 +107,14 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
-    remat: bool = False
+    # how the model runs (not part of the architecture, never written to config.json)
+    remat: str = "none"  # one of REMAT_POLICIES (True/False are read as "full"/"none")
+    scan_layers: bool = True  # jax.lax.scan over the stacked layers (False: a Python loop, same numbers)
+    attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         self.validate()
 
     # ----------------------------------------------------------------- checks and derived values
@@ -120,6 +135,11 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.hidden_act not in ACTIVATIONS:
             raise ModelConfigError(f"hidden_act {self.hidden_act!r} not supported (one of {ACTIVATIONS})")
+        if self.remat not in REMAT_POLICIES:
+            raise ModelConfigError(f"remat {self.remat!r} not supported (one of {', '.join(REMAT_POLICIES)})")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ModelConfigError(
+                f"attention {self.attention!r} not supported (one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
         rope_type = self.rope_params.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ModelConfigError(f"rope_scaling type {rope_type!r} not supported (one of {ROPE_TYPES})")
@@ -154,6 +174,11 @@ class ModelConfig:
         if self.layer_types is None:
             return self.sliding_window
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """`layer_window` of every layer."""
+        return tuple(self.layer_window(i) for i in range(self.num_layers))
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -43,59 +43,38 @@ def per_token(apply, params, data, fn: TokenFn, ref_params=None) -> jax.Array:
     chunk of `loss_chunk` positions at a time under jax.checkpoint, so at most one chunk of
     float32 [B, loss_chunk, V] logits (per model) is alive, in the forward and the backward pass.
     Otherwise (a plain apply function, chunking off, or a short sequence) the full logits are built.
-    With a mesh (`with_loss_chunk(..., mesh=)`) hidden states and logits keep the batch split
-    over the data axes, so that no device computes logits of the whole batch.
     """
     ids, mask = data["input_ids"], data["attention_mask"]
     size = loss_chunk_of(apply)
-    constrain = _batch_constraint(getattr(apply, "mesh", None))
     if size <= 0 or size >= ids.shape[1] - 1 or not hasattr(apply, "hidden"):
-        return _per_token_full(apply, params, data, fn, ref_params, constrain)
-    h = constrain(apply.hidden(params, ids, mask))
-    ref_h = None if ref_params is None else constrain(jax.lax.stop_gradient(apply.hidden(ref_params, ids, mask)))
+        return _per_token_full(apply, params, data, fn, ref_params)
+    h = apply.hidden(params, ids, mask)
+    ref_h = None if ref_params is None else jax.lax.stop_gradient(apply.hidden(ref_params, ids, mask))
     place = _placer(getattr(apply, "param_shardings", None))
-    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, size, constrain, place)
-
-
-def _batch_constraint(mesh) -> Callable[..., jax.Array]:
-    """constrain(x [B, ...], vocab=False): x with B split over the mesh's ("data", "fsdp") axes
-    (and, for logits, the last axis over "tensor" when it divides); the identity without a mesh."""
-    if mesh is None:
-        return lambda x, vocab=False: x
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from jaxunlearn.sharding import BATCH_AXES
-
-    def constrain(x, vocab=False):
-        tensor = mesh.shape["tensor"]
-        last = "tensor" if vocab and tensor > 1 and x.shape[-1] % tensor == 0 else None
-        spec = P(BATCH_AXES, *([None] * (x.ndim - 2)), last)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    return constrain
+    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, size, place)
 
 
 def _placer(shardings) -> Callable:
     """tree -> tree constrained to `shardings` (the parameters' own), identity when None. Inside the
-    chunk loop this makes each chunk's parameter gradient (e.g. the LM head's [D, V]) reduce-scatter
-    into the parameter's sharding at once, instead of accumulating a replicated full-size copy."""
+    chunk loop this keeps each chunk's parameter gradient (e.g. the LM head's [D, V]) in the
+    parameter's sharding, so the loop accumulates a sharded gradient, not a full-size copy."""
     if shardings is None:
         return lambda tree: tree
     return lambda tree: jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
 
 
-def _per_token_full(apply, params, data, fn: TokenFn, ref_params, constrain) -> jax.Array:
+def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
     """per_token with the full [B, T, V] logits of both models."""
-    logits = constrain(apply(params, data["input_ids"], data["attention_mask"]), vocab=True)
+    logits = apply(params, data["input_ids"], data["attention_mask"])
     ref_logits = None
     if ref_params is not None:
         ref_logits = jax.lax.stop_gradient(apply(ref_params, data["input_ids"], data["attention_mask"]))
-        ref_logits = constrain(ref_logits, vocab=True)[:, :-1].astype(jnp.float32)
+        ref_logits = ref_logits[:, :-1].astype(jnp.float32)
     logits, targets, mask = ops.shift_labels(logits, data["labels"])
     return fn(logits.astype(jnp.float32), ref_logits, targets, mask)
 
 
-def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int, constrain, place) -> jax.Array:
+def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int, place) -> jax.Array:
     """fn over sequence chunks of `size` positions of hidden states h [B, T, D] -> [B, T-1].
 
     Position t is scored against labels[t+1]; the last position (no next token) and the padding
@@ -115,12 +94,9 @@ def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, siz
     @jax.checkpoint
     def one_chunk(params, ref_params, h_c, ref_c, t_c, m_c):
         ref_logits = None
-        params = place(params)
         if ref_c is not None:
-            ref_logits = jax.lax.stop_gradient(head(place(ref_params), constrain(ref_c)))
-            ref_logits = constrain(ref_logits, vocab=True).astype(jnp.float32)
-        logits = constrain(head(params, constrain(h_c)), vocab=True).astype(jnp.float32)
-        return fn(logits, ref_logits, t_c, m_c)
+            ref_logits = jax.lax.stop_gradient(head(place(ref_params), ref_c)).astype(jnp.float32)
+        return fn(head(place(params), h_c).astype(jnp.float32), ref_logits, t_c, m_c)
 
     xs = (chunks(h), None if ref_h is None else chunks(ref_h), chunks(targets), chunks(mask))
     values = jax.lax.map(lambda x: one_chunk(params, ref_params, *x), xs)  # [n, B, size]
@@ -134,13 +110,12 @@ def loss_chunk_of(apply) -> int:
 
 class ChunkedApply:
     """An `apply` (see models.Apply) whose vocabulary losses per_token computes in chunks of
-    `loss_chunk` positions, keeping the batch split over `mesh` and gradients in the parameters'
-    shardings (when given); every other attribute (hidden, head, graphdef) is the wrapped one's."""
+    `loss_chunk` positions, keeping the chunks' parameter gradients in `param_shardings` (when
+    given); every other attribute (hidden, head, mesh, graphdef) is the wrapped one's."""
 
-    def __init__(self, apply, loss_chunk: int, mesh=None, param_shardings=None):
+    def __init__(self, apply, loss_chunk: int, param_shardings=None):
         self.apply = apply
         self.loss_chunk = int(loss_chunk)
-        self.mesh = mesh
         self.param_shardings = param_shardings
 
     def __call__(self, *args, **kwargs):
@@ -152,12 +127,11 @@ class ChunkedApply:
         return getattr(self.apply, name)
 
 
-def with_loss_chunk(apply, loss_chunk: int, mesh=None, param_shardings=None):
-    """`apply` with per_token's chunk size (0 = full logits), the mesh whose ("data", "fsdp") axes
-    split the batch and the parameters' shardings (None: no sharding constraints); replaces an
-    earlier setting."""
+def with_loss_chunk(apply, loss_chunk: int, param_shardings=None):
+    """`apply` with per_token's chunk size (0 = full logits) and the parameters' shardings (None:
+    no constraint on the chunks' gradients); replaces an earlier setting."""
     inner = apply.apply if isinstance(apply, ChunkedApply) else apply
-    return ChunkedApply(inner, loss_chunk, mesh, param_shardings)
+    return ChunkedApply(inner, loss_chunk, param_shardings)
 
 
 def label_logp(logits: jax.Array, ref_logits, targets: jax.Array, mask: jax.Array) -> jax.Array:
