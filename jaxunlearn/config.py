@@ -87,7 +87,7 @@ class TrainSpec:
     log_every: int = 1
     # sequence positions per chunk of the losses over the vocabulary (objectives/common.per_token):
     # at most one fp32 [batch, loss_chunk, vocab] logits block is alive at a time; 0 = full logits
-    loss_chunk: int = 256
+    loss_chunk: int = 128
 
 
 @dataclass(frozen=True)

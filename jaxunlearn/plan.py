@@ -50,7 +50,7 @@ class PlanSpec:
     reference_dtype: str | None = None  # None = as param_dtype
     remat: str = "full"  # a models.config.REMAT_POLICIES name
     scan_layers: bool = True  # False: the layers unrolled in a Python loop (compile time grows with depth)
-    loss_chunk: int = 256  # 0 = full logits
+    loss_chunk: int = 128  # 0 = full logits
 
 
 def model_config(spec: PlanSpec):
@@ -136,8 +136,9 @@ def plan(spec: PlanSpec) -> dict:
     optimizer, schedule, _ = optim.optimizer_from_spec(cfg.train, 100)
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
     opt_abstract = ck.abstract_tree(jax.eval_shape(optimizer.init, setup.abstract), opt_shardings)
-    step = train.make_train_step(objective_from_spec(cfg.mox), with_loss_chunk(setup.apply, cfg.train.loss_chunk, setup.shardings),
-                                 optimizer, setup.mesh, setup.shardings, opt_shardings, schedule=schedule)
+    apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk, setup.shardings)
+    step = train.make_train_step(objective_from_spec(cfg.mox), apply, optimizer, setup.mesh, setup.shardings,
+                                 opt_shardings, schedule=schedule)
     batch = abstract_batch(spec, setup.mesh)
 
     start = time.perf_counter()
