@@ -451,8 +451,10 @@ class CausalLM(nnx.Module):
             raise ValueError(f"num_layers must be in [0, {cfg.num_layers}], got {num_layers}")
         if cache is not None and n != cfg.num_layers:
             raise ValueError("a KV cache needs every layer (num_layers=None)")
-        x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
-        x = constrain(x, ACT_EMBED)
+        # gather from the table all-gathered over its fsdp-sharded feature axis (as FSDP does for every
+        # weight), so that the lookup and its gradient stay batch-sharded like the activations
+        table = constrain(self.embed_tokens.embedding[...], ("vocab", "act_embed"))
+        x = constrain(jnp.take(table, input_ids, axis=0).astype(self.dtype), ACT_EMBED)
         cos, sin = rope_tables(cfg, positions)
         graphdef, state = nnx.split(self.layers)
         windows = _window_array(cfg.layer_windows)
