@@ -178,6 +178,11 @@ def test_remat_and_attention_names_checked():
         ModelConfig.preset("tiny-llama", remat="minimal")
     with pytest.raises(ModelConfigError, match=r"attention 'flash' not supported \(one of xla, cudnn\)"):
         ModelConfig.preset("tiny-llama", attention="flash")
+    if jax.default_backend() != "gpu":
+        cudnn = ModelConfig.preset("tiny-llama", vocab_size=VOCAB, attention="cudnn")
+        with pytest.raises(ModelConfigError, match="attention 'cudnn' needs an NVIDIA GPU"):
+            jax.eval_shape(make_apply(_graphdef(cudnn)), split_params(nnx.eval_shape(lambda: init_model(cudnn)))[1],
+                           jnp.zeros((1, 4), jnp.int32))
 
 
 def test_layers_are_stacked_with_a_layers_axis():

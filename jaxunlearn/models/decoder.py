@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.models.config import ModelConfig, ModelConfigError
 from jaxunlearn.sharding import constrain, mesh_context
 
 LAYERS_AXIS = "layers"
@@ -297,6 +297,9 @@ class Attention(nnx.Module):
             cache = {"key": k_all, "value": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
             implementation = "xla"  # queries sit at cache slots, not 0..T-1: cuDNN's causal mask does not apply
+        if implementation == "cudnn" and jax.default_backend() != "gpu":
+            raise ModelConfigError(f"attention 'cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); "
+                                   "use attention 'xla'")
         # Grouped-query attention: dot_product_attention takes fewer key/value heads than query heads
         # and groups the queries (keys and values are never repeated).
         out = jax.nn.dot_product_attention(
