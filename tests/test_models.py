@@ -178,6 +178,11 @@ def test_remat_and_attention_names_checked():
         ModelConfig.preset("tiny-llama", remat="minimal")
     with pytest.raises(ModelConfigError, match=r"attention 'flash' not supported \(one of xla, cudnn\)"):
         ModelConfig.preset("tiny-llama", attention="flash")
+    if jax.default_backend() != "gpu":
+        cudnn = ModelConfig.preset("tiny-llama", vocab_size=VOCAB, attention="cudnn")
+        with pytest.raises(ModelConfigError, match="attention 'cudnn' needs an NVIDIA GPU"):
+            jax.eval_shape(make_apply(_graphdef(cudnn)), split_params(nnx.eval_shape(lambda: init_model(cudnn)))[1],
+                           jnp.zeros((1, 4), jnp.int32))
 
 
 def test_layers_are_stacked_with_a_layers_axis():
@@ -302,3 +307,21 @@ def test_weight_decay_mask_judges_stacked_layers_per_layer():
     assert flags["layers/self_attn/q_proj/kernel"] and flags["embed_tokens/embedding"]
     assert not flags["layers/input_layernorm/scale"] and not flags["norm/scale"]
     assert flags["layers/self_attn/q_proj/bias"]  # [L, H, D]: as before stacking, a [H, D] bias decays
+
+
+def test_run_config_model_options_reach_the_model():
+    """model.scan_layers / remat / attention from a run config (with overrides) build the model that runs;
+    a bad name is one ConfigError line listing the names."""
+    from jaxunlearn.config import ConfigError, apply_overrides, from_dict
+    from jaxunlearn.runner import model_setup
+    from jaxunlearn.sharding import make_mesh
+
+    cfg = apply_overrides(from_dict({}), ["model.remat=save_qkv_proj", "model.scan_layers=false"])
+    setup = model_setup(ModelConfig.preset("tiny-llama", vocab_size=VOCAB), cfg, make_mesh(1, 1, 1))
+    assert (setup.model_cfg.remat, setup.model_cfg.scan_layers, setup.model_cfg.attention) == ("save_qkv_proj", False, "xla")
+    assert setup.graphdef == _graphdef(setup.model_cfg)
+    with pytest.raises(ConfigError, match=r"^config\.model\.remat: unknown remat 'minimal' \(one of none, full, dots, "
+                                          r"dots_with_no_batch_dims, save_qkv_proj, save_qkv_out_proj\)$"):
+        from_dict({"model": {"remat": "minimal"}})
+    with pytest.raises(ConfigError, match=r"model\.attention: unknown attention 'flash' \(one of xla, cudnn\)"):
+        from_dict({"model": {"attention": "flash"}})

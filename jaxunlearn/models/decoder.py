@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.models.config import ModelConfig, ModelConfigError
 from jaxunlearn.sharding import constrain, mesh_context
 
 LAYERS_AXIS = "layers"
@@ -297,6 +297,9 @@ class Attention(nnx.Module):
             cache = {"key": k_all, "value": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
             implementation = "xla"  # queries sit at cache slots, not 0..T-1: cuDNN's causal mask does not apply
+        if implementation == "cudnn" and jax.default_backend() != "gpu":
+            raise ModelConfigError(f"attention 'cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); "
+                                   "use attention 'xla'")
         # Grouped-query attention: dot_product_attention takes fewer key/value heads than query heads
         # and groups the queries (keys and values are never repeated).
         out = jax.nn.dot_product_attention(
@@ -451,8 +454,10 @@ class CausalLM(nnx.Module):
             raise ValueError(f"num_layers must be in [0, {cfg.num_layers}], got {num_layers}")
         if cache is not None and n != cfg.num_layers:
             raise ValueError("a KV cache needs every layer (num_layers=None)")
-        x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
-        x = constrain(x, ACT_EMBED)
+        # gather from the table all-gathered over its fsdp-sharded feature axis (as FSDP does for every
+        # weight), so that the lookup and its gradient stay batch-sharded like the activations
+        table = constrain(self.embed_tokens.embedding[...], ("vocab", "act_embed"))
+        x = constrain(jnp.take(table, input_ids, axis=0).astype(self.dtype), ACT_EMBED)
         cos, sin = rope_tables(cfg, positions)
         graphdef, state = nnx.split(self.layers)
         windows = _window_array(cfg.layer_windows)
