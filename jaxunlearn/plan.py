@@ -136,7 +136,7 @@ def plan(spec: PlanSpec) -> dict:
     optimizer, schedule, _ = optim.optimizer_from_spec(cfg.train, 100)
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
     opt_abstract = ck.abstract_tree(jax.eval_shape(optimizer.init, setup.abstract), opt_shardings)
-    apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk, setup.shardings)
+    apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk)
     step = train.make_train_step(objective_from_spec(cfg.mox), apply, optimizer, setup.mesh, setup.shardings,
                                  opt_shardings, schedule=schedule)
     batch = abstract_batch(spec, setup.mesh)

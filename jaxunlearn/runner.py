@@ -256,7 +256,7 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     check_batch_divisible(cfg.train.batch_size, setup.mesh, "train.batch_size")
     optimizer, schedule, plan = optim.optimizer_from_spec(cfg.train, stage.micro_steps_per_epoch)
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
-    apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk, setup.shardings)
+    apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk)
     step_fn = train.make_train_step(
         stage.objective, apply, optimizer, setup.mesh, setup.shardings, opt_shardings, schedule=schedule
     )

@@ -85,8 +85,8 @@ def test_plain_function_and_wrapper():
 
 
 def test_chunked_on_a_mesh_with_sharded_parameters_equals_full(model):
-    """The sharded path (model activation constraints, chunk gradients pinned to the parameters'
-    shardings, batch split over fsdp=8) gives the single-device full-logit loss and gradients."""
+    """The sharded path (the model's activation constraints, parameters and batch split over
+    fsdp=8) gives the single-device full-logit loss and gradients."""
     from jaxunlearn.models import param_logical_axes
     from jaxunlearn.sharding import batch_sharding, make_mesh, param_shardings
 
@@ -95,7 +95,7 @@ def test_chunked_on_a_mesh_with_sharded_parameters_equals_full(model):
     shardings = param_shardings(param_logical_axes(params), mesh, params)
     batch = {"forget": make_batch(3, B=8), "retain": make_batch(4, B=8)}
     full_loss, full_grads = loss_and_grad("mox", with_loss_chunk(apply, 0), params, ref, batch)
-    sharded = with_loss_chunk(make_apply(apply.graphdef, mesh), 5, shardings)
+    sharded = with_loss_chunk(make_apply(apply.graphdef, mesh), 5)
     put = lambda tree, s: jax.device_put(tree, s)  # noqa: E731
     loss, grads = loss_and_grad("mox", sharded, put(params, shardings), put(ref, shardings),
                                 put(batch, batch_sharding(mesh)))

@@ -50,17 +50,7 @@ def per_token(apply, params, data, fn: TokenFn, ref_params=None) -> jax.Array:
         return _per_token_full(apply, params, data, fn, ref_params)
     h = apply.hidden(params, ids, mask)
     ref_h = None if ref_params is None else jax.lax.stop_gradient(apply.hidden(ref_params, ids, mask))
-    place = _placer(getattr(apply, "param_shardings", None))
-    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, size, place)
-
-
-def _placer(shardings) -> Callable:
-    """tree -> tree constrained to `shardings` (the parameters' own), identity when None. Inside the
-    chunk loop this keeps each chunk's parameter gradient (e.g. the LM head's [D, V]) in the
-    parameter's sharding, so the loop accumulates a sharded gradient, not a full-size copy."""
-    if shardings is None:
-        return lambda tree: tree
-    return lambda tree: jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
+    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, size)
 
 
 def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
@@ -74,7 +64,7 @@ def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
     return fn(logits.astype(jnp.float32), ref_logits, targets, mask)
 
 
-def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int, place) -> jax.Array:
+def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int) -> jax.Array:
     """fn over sequence chunks of `size` positions of hidden states h [B, T, D] -> [B, T-1].
 
     Position t is scored against labels[t+1]; the last position (no next token) and the padding
@@ -95,8 +85,8 @@ def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, siz
     def one_chunk(params, ref_params, h_c, ref_c, t_c, m_c):
         ref_logits = None
         if ref_c is not None:
-            ref_logits = jax.lax.stop_gradient(head(place(ref_params), ref_c)).astype(jnp.float32)
-        return fn(head(place(params), h_c).astype(jnp.float32), ref_logits, t_c, m_c)
+            ref_logits = jax.lax.stop_gradient(head(ref_params, ref_c)).astype(jnp.float32)
+        return fn(head(params, h_c).astype(jnp.float32), ref_logits, t_c, m_c)
 
     xs = (chunks(h), None if ref_h is None else chunks(ref_h), chunks(targets), chunks(mask))
     values = jax.lax.map(lambda x: one_chunk(params, ref_params, *x), xs)  # [n, B, size]
@@ -110,13 +100,11 @@ def loss_chunk_of(apply) -> int:
 
 class ChunkedApply:
     """An `apply` (see models.Apply) whose vocabulary losses per_token computes in chunks of
-    `loss_chunk` positions, keeping the chunks' parameter gradients in `param_shardings` (when
-    given); every other attribute (hidden, head, mesh, graphdef) is the wrapped one's."""
+    `loss_chunk` positions; every other attribute (hidden, head, mesh, graphdef) is the wrapped one's."""
 
-    def __init__(self, apply, loss_chunk: int, param_shardings=None):
+    def __init__(self, apply, loss_chunk: int):
         self.apply = apply
         self.loss_chunk = int(loss_chunk)
-        self.param_shardings = param_shardings
 
     def __call__(self, *args, **kwargs):
         return self.apply(*args, **kwargs)
@@ -127,11 +115,9 @@ class ChunkedApply:
         return getattr(self.apply, name)
 
 
-def with_loss_chunk(apply, loss_chunk: int, param_shardings=None):
-    """`apply` with per_token's chunk size (0 = full logits) and the parameters' shardings (None:
-    no constraint on the chunks' gradients); replaces an earlier setting."""
-    inner = apply.apply if isinstance(apply, ChunkedApply) else apply
-    return ChunkedApply(inner, loss_chunk, param_shardings)
+def with_loss_chunk(apply, loss_chunk: int):
+    """`apply` with per_token's chunk size (0 = full logits); replaces an earlier setting."""
+    return ChunkedApply(apply.apply if isinstance(apply, ChunkedApply) else apply, loss_chunk)
 
 
 def label_logp(logits: jax.Array, ref_logits, targets: jax.Array, mask: jax.Array) -> jax.Array:
