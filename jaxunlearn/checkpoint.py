@@ -51,6 +51,7 @@ import yaml
 from jaxunlearn.config import read_yaml
 from jaxunlearn.distributed import barrier, is_primary
 from jaxunlearn.errors import JaxunlearnError, WriteError, is_write_failure, write_error
+from jaxunlearn.models import layout as _layers
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -375,9 +376,10 @@ def _load_params_folder(src: pathlib.Path, target: Any, what: str, verify: bool)
     if not (src / META_FILE).exists():
         raise RunNotFoundError(f"{src}: no complete {what} checkpoint")
     meta = read_json(src / META_FILE)
+    old = _old_layer_layout(meta.get("tree", {}), target)
     ckptr = ocp.StandardCheckpointer()
     try:
-        params = ckptr.restore((src / PARAMS_DIR).absolute(), target)
+        params = ckptr.restore((src / PARAMS_DIR).absolute(), _layers.unstack_layers(target) if old else target)
     except Exception as e:  # orbax raises assorted types for structure/shape mismatches
         raise CheckpointError(f"{src}: cannot restore {what} parameters: {str(e).splitlines()[0]}") from e
     finally:
@@ -389,7 +391,18 @@ def _load_params_folder(src: pathlib.Path, target: Any, what: str, verify: bool)
                 f"{src}: {what} parameters do not match their recorded content hash "
                 f"(recorded {str(meta.get('hash'))[:12]}, found {got[:12]})"
             )
+    if old:  # written before decoder layers were stacked: verified as written, then stacked
+        params = _layers.stack_layers(params, _shardings(target))
     return params, meta
+
+
+def _old_layer_layout(saved_paths, target: Any) -> bool:
+    """A checkpoint saved with per-layer model parameters (layers/0/...) restored onto stacked ones."""
+    return _layers.is_per_layer(saved_paths) and not _layers.is_per_layer(tree_summary(target))
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda x: getattr(x, "sharding", None), tree)
 
 
 def _broadcast_str(s: str) -> str:
@@ -436,6 +449,8 @@ def verify_reference(run: str | os.PathLike, params: Any) -> str:
     """Check that in-memory `params` equal RUN/reference's recorded hash; returns the hash."""
     expected = reference_hash(run)
     got = params_hash(params)
+    if got != expected and _old_layer_layout(read_meta(reference_path(run)).get("tree", {}), params):
+        got = params_hash(_layers.unstack_layers(params))  # a reference written before layers were stacked
     if got != expected:
         raise HashMismatchError(
             f"{reference_path(run)}: reference parameters given differ from the run's reference "
@@ -606,9 +621,11 @@ class MemorizedCheckpoints:
         try:
             got = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise CheckpointError(
-                f"{self.directory}/{step}: cannot restore memorised checkpoint: {str(e).splitlines()[0]}"
-            ) from e
+            got = self._restore_per_layer(step, items)  # written before decoder layers were stacked?
+            if got is None:
+                raise CheckpointError(
+                    f"{self.directory}/{step}: cannot restore memorised checkpoint: {str(e).splitlines()[0]}"
+                ) from e
         self._verify(step, got, opt_state_target is not None)
         key = jnp.asarray(got["rng"]["key"])
         if rng_impl is not None:
@@ -636,6 +653,21 @@ class MemorizedCheckpoints:
                     f"(recorded {str(hashes.get(item))[:12]}, found {got_hash[:12]}); the checkpoint is damaged: "
                     "delete this step folder to resume from an earlier one"
                 )
+
+    def _restore_per_layer(self, step: int, items: dict) -> dict | None:
+        """Restore a step saved with per-layer model parameters onto the stacked targets (stacking params
+        and opt_state after reading); None when the step is not of that layout either."""
+        targets = {k: items[k].item for k in ("params", "opt_state") if k in items}
+        if _layers.is_per_layer(tree_summary(targets)):
+            return None
+        old = dict(items, **{k: ocp.args.StandardRestore(_layers.unstack_layers(t)) for k, t in targets.items()})
+        try:
+            got = dict(self.manager.restore(step, args=ocp.args.Composite(**old)))
+        except Exception:
+            return None
+        for k, t in targets.items():
+            got[k] = _layers.stack_layers(got[k], _shardings(t))
+        return got
 
     def wait_until_finished(self) -> None:
         self._guard(self.manager.wait_until_finished)

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export-hf": ("jaxunlearn.runner", "export_hf_main", "export a run's parameters as a Hugging Face folder"),
     "eval": ("jaxunlearn.evals.cli", "main", "evaluate a run directory or a Hugging Face folder"),
     "data": ("jaxunlearn.data.cli", "main", "validate a benchmark and print its split sizes"),
+    "plan": ("jaxunlearn.plan", "main", "per-device memory, FLOPs and compile time of a train step (AOT)"),
 }
 
 EXIT_ERROR = 1  # an expected failure (see the module docstring)

@@ -52,6 +52,12 @@ class ModelSpec:
     dtype: str = "float32"  # compute dtype ("float32" | "bfloat16")
     param_dtype: str = "float32"  # storage dtype of the trainable parameters
     init_seed: int = 0  # seed of the random initialisation (preset only)
+    # dtype the frozen reference is held in on device during unlearning (None = as the parameters);
+    # its hash is checked on the stored checkpoint first; extrapolation uses the stored reference
+    reference_dtype: Optional[str] = None
+    scan_layers: bool = True  # run the decoder layers as one jax.lax.scan (False: a Python loop, same numbers)
+    remat: str = "none"  # per-layer rematerialisation: none|full|dots|dots_with_no_batch_dims|save_qkv_proj|save_qkv_out_proj
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla|cudnn (NVIDIA GPUs)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class TrainSpec:
     clip_norm: Optional[float] = None  # global gradient-norm clipping; None = off
     seed: int = 0  # data order (and any RNG the objective uses)
     log_every: int = 1
+    # sequence positions per chunk of the losses over the vocabulary (objectives/common.per_token):
+    # at most one fp32 [batch, loss_chunk, vocab] logits block is alive at a time; 0 = full logits
+    loss_chunk: int = 128
 
 
 @dataclass(frozen=True)
@@ -257,8 +266,23 @@ def _build(cls, data: Any, where: str):
     return cfg
 
 
+REFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _validate(cfg, where: str) -> None:
     """Cross-field checks that a type alone cannot express."""
+    if isinstance(cfg, ModelSpec) and cfg.reference_dtype not in (None, *REFERENCE_DTYPES):
+        raise ConfigError(f"{where}.reference_dtype: expected null or one of {'|'.join(REFERENCE_DTYPES)}, "
+                          f"got {cfg.reference_dtype!r}")
+    if isinstance(cfg, RunConfig) and cfg.mox.momentum and cfg.model.reference_dtype not in (None, cfg.model.param_dtype):
+        raise ConfigError(f"{where}.model.reference_dtype: mox.momentum blends the reference into the forget model "
+                          f"at full precision; leave reference_dtype null or equal to param_dtype with momentum")
+    if isinstance(cfg, ModelSpec):
+        from jaxunlearn.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
+        for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS)):
+            if getattr(cfg, name) not in known:
+                raise ConfigError(f"{where}.{name}: unknown {name} {getattr(cfg, name)!r} (one of {', '.join(known)})")
     if isinstance(cfg, DataSpec):
         if cfg.benchmark not in ("synthetic", "tofu", "muse"):
             raise ConfigError(f"{where}.benchmark: expected synthetic|tofu|muse, got {cfg.benchmark!r}")
@@ -274,6 +298,8 @@ def _validate(cfg, where: str) -> None:
             raise ConfigError(f"{where}: lr, weight_decay and warmup_epochs must be >= 0")
         if cfg.max_steps is not None and cfg.max_steps < 1:
             raise ConfigError(f"{where}.max_steps: must be >= 1, got {cfg.max_steps}")
+        if cfg.loss_chunk < 0:
+            raise ConfigError(f"{where}.loss_chunk: must be >= 0 (0 = no chunking), got {cfg.loss_chunk}")
     if isinstance(cfg, MeshSpec):
         for name in ("data", "fsdp", "tensor"):
             v = getattr(cfg, name)

@@ -4,8 +4,8 @@ Schedule (in optimiser steps): linear warm-up from 0 to `lr` over `warmup_steps`
 decay to 0 at `total_steps` (step s uses lr * s / warmup_steps during warm-up, as HF does).
 The paper warms up over the first epoch: warmup_steps = round(warmup_epochs * steps_per_epoch).
 
-Weight decay applies to arrays with ndim >= 2 (matrices, embeddings), not to biases or norm
-scales.
+Weight decay applies to matrices and embeddings (ndim >= 2), not to biases or norm scales; the
+model's stacked layer parameters (under "layers", one leading layer axis) are judged per layer.
 
 Gradient accumulation uses optax.MultiSteps: each call of the train step consumes one
 micro-batch; every `grad_accum`-th call applies the averaged update. The accumulated gradient
@@ -65,8 +65,14 @@ def linear_schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Sch
 
 
 def decay_mask(params):
-    """True for parameters that get weight decay (ndim >= 2)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for parameters that get weight decay: ndim >= 2, not counting the leading layer axis of the
+    stacked parameters under a top-level "layers" key."""
+
+    def decays(path, p):
+        stacked = bool(path) and getattr(path[0], "key", None) == "layers"
+        return p.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(

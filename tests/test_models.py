@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxunlearn.models import (
     LOGICAL_AXES,
@@ -17,6 +18,7 @@ from jaxunlearn.models import (
     param_logical_axes,
     split_params,
 )
+from jaxunlearn.models.config import REMAT_POLICIES
 
 VOCAB = 97
 B, T = 3, 12
@@ -143,17 +145,130 @@ def test_same_seed_same_bits_and_merge_roundtrip(tokens):
     assert all(x is y for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
 
 
-def test_remat_checkpoints_each_layer(tokens):
-    """remat=True puts every layer under jax.checkpoint (JAX guarantees the gradients are unchanged)."""
+def _graphdef(cfg):
+    return split_params(nnx.eval_shape(lambda: init_model(cfg)))[0]
+
+
+def _grad(cfg, tokens):
+    apply = make_apply(_graphdef(cfg))
+    return jax.grad(lambda p: jnp.mean(apply(p, tokens) ** 2))
+
+
+def test_remat_policies(tokens):
+    """Every named policy puts the layer body under jax.checkpoint once (inside the scan) or once per layer
+    (Python loop), "none" not at all; gradients equal those without remat (JAX recomputes the same ops)."""
     cfg = ModelConfig.preset("tiny-llama", vocab_size=VOCAB)
+    params = split_params(init_model(cfg, seed=1))[1]
+    for policy in REMAT_POLICIES:
+        for scan in (True, False):
+            jaxpr = str(jax.make_jaxpr(_grad(cfg.replace(remat=policy, scan_layers=scan), tokens))(params))
+            expected = 0 if policy == "none" else (1 if scan else cfg.num_layers)
+            assert jaxpr.count("remat") == expected, (policy, scan)
+    want = jax.jit(_grad(cfg, tokens))(params)
+    for policy in ("full", "dots_with_no_batch_dims", "save_qkv_proj"):
+        got = jax.jit(_grad(cfg.replace(remat=policy), tokens))(params)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
-    def grad_jaxpr(c):
-        graphdef, params = split_params(init_model(c))
-        apply = make_apply(graphdef)
-        return str(jax.make_jaxpr(jax.grad(lambda p: jnp.mean(apply(p, tokens))))(params))
 
-    assert grad_jaxpr(cfg.replace(remat=True)).count("remat") == cfg.num_layers
-    assert "remat" not in grad_jaxpr(cfg)
+def test_remat_and_attention_names_checked():
+    assert ModelConfig.preset("tiny-llama", remat=True).remat == "full"
+    assert ModelConfig.preset("tiny-llama", remat=False).remat == "none"
+    with pytest.raises(ModelConfigError, match=r"remat 'minimal' not supported \(one of none, full, dots"):
+        ModelConfig.preset("tiny-llama", remat="minimal")
+    with pytest.raises(ModelConfigError, match=r"attention 'flash' not supported \(one of xla, cudnn\)"):
+        ModelConfig.preset("tiny-llama", attention="flash")
+    if jax.default_backend() != "gpu":
+        cudnn = ModelConfig.preset("tiny-llama", vocab_size=VOCAB, attention="cudnn")
+        with pytest.raises(ModelConfigError, match="attention 'cudnn' needs an NVIDIA GPU"):
+            jax.eval_shape(make_apply(_graphdef(cudnn)), split_params(nnx.eval_shape(lambda: init_model(cudnn)))[1],
+                           jnp.zeros((1, 4), jnp.int32))
+
+
+def test_layers_are_stacked_with_a_layers_axis():
+    cfg = ModelConfig.preset("tiny-qwen2", vocab_size=VOCAB, num_layers=3)
+    model = init_model(cfg)
+    _, params = split_params(model)
+    axes = param_logical_axes(model)
+    layer_leaves = jax.tree.leaves(params["layers"])
+    layer_axes = jax.tree.leaves(axes["layers"], is_leaf=lambda x: isinstance(x, tuple))
+    assert len(layer_leaves) == len(layer_axes) > 0
+    for x, ax in zip(layer_leaves, layer_axes):
+        assert x.shape[0] == 3 and ax[0] == "layers", (x.shape, ax)
+    assert params["layers"]["self_attn"]["q_proj"]["kernel"].shape == (3, 64, 4, 16)
+    assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (3, 64, 2, 16)  # GQA: 2 kv heads
+
+
+@pytest.fixture(scope="module")
+def mixed_windows():
+    """A Qwen2-style model whose layers differ (full, sliding, sliding), so the per-layer window is data."""
+    cfg = ModelConfig.preset("tiny-qwen2", vocab_size=VOCAB, num_layers=3, sliding_window=4,
+                             layer_types=("full_attention", "sliding_attention", "sliding_attention"))
+    graphdef, params = split_params(init_model(cfg, seed=5))
+    return cfg, params
+
+
+def test_scan_and_python_loop_agree(mixed_windows, tokens):
+    """scan_layers=False runs the same stacked parameters in a Python loop: same logits and cached decode."""
+    cfg, params = mixed_windows
+    mask, _ = right_padded_mask()
+    out = {}
+    for scan in (True, False):
+        c = cfg.replace(scan_layers=scan)
+        graphdef = _graphdef(c)
+        logits = jax.jit(make_apply(graphdef))(params, tokens, mask)
+        cache = init_cache(c, B, T, "float32")
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        step, cache = jax.jit(make_decode(graphdef))(params, tokens, positions, mask, cache, 0)
+        out[scan] = (logits, step, cache["key"])
+    for x, y in zip(out[True], out[False]):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    assert out[True][2].shape == (3, B, T, cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_window_differs_per_layer(mixed_windows, tokens):
+    """The window of a sliding layer reaches only the last `sliding_window` slots: changing a token that
+    far back changes the full-attention model's last logits but not those of an all-sliding one."""
+    cfg, params = mixed_windows
+    changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % VOCAB)
+    sliding = cfg.replace(layer_types=("sliding_attention",) * 3)
+    for c, moves in ((cfg, True), (sliding, False)):
+        apply = jax.jit(make_apply(_graphdef(c)))
+        delta = np.abs(np.asarray(apply(params, tokens) - apply(params, changed)))[:, -1].max()
+        assert (delta > 1e-4) == moves, (c.layer_types, delta)
+
+
+def test_hidden_after_k_layers_is_the_first_k_layers(mixed_windows, tokens):
+    """hidden(num_layers=k): the residual stream of a model made of the first k layers' parameters."""
+    cfg, params = mixed_windows
+    mask, _ = right_padded_mask()
+    apply = make_apply(_graphdef(cfg))
+    hidden = jax.jit(apply.hidden, static_argnames="num_layers")
+    short = cfg.replace(num_layers=2, layer_types=cfg.layer_types[:2])
+    sliced = jax.tree.map(lambda x: x, params)
+    sliced["layers"] = jax.tree.map(lambda x: x[:2], params["layers"])
+    short_hidden = jax.jit(make_apply(_graphdef(short)).hidden, static_argnames="num_layers")
+    for k in (1, 2):
+        np.testing.assert_allclose(hidden(params, tokens, mask, num_layers=k),
+                                   short_hidden(sliced, tokens, mask, num_layers=k), atol=1e-6)
+    embedded = np.asarray(params["embed_tokens"]["embedding"][...])[np.asarray(tokens)]
+    np.testing.assert_array_equal(hidden(params, tokens, mask, num_layers=0), embedded)
+    logits = jax.jit(lambda p: apply.head(p, apply.hidden(p, tokens, mask)))(params)
+    np.testing.assert_allclose(logits, jax.jit(apply)(params, tokens, mask), atol=1e-6)
+
+
+def test_program_size_does_not_grow_with_depth(tokens):
+    """With scan_layers the lowered forward+backward is one loop body whatever the depth; unrolled, it grows."""
+
+    def hlo_size(layers, scan):
+        cfg = ModelConfig.preset("tiny-llama", vocab_size=VOCAB, num_layers=layers, scan_layers=scan,
+                                 remat="full")
+        params = split_params(nnx.eval_shape(lambda: init_model(cfg)))[1]
+        return len(jax.jit(_grad(cfg, tokens)).lower(params).as_text())
+
+    two, six = hlo_size(2, True), hlo_size(6, True)
+    assert abs(six - two) < 0.02 * two, (two, six)
+    assert hlo_size(6, False) > 2 * hlo_size(2, False)
 
 
 def test_config_hf_dict_roundtrip_and_errors():
@@ -180,3 +295,33 @@ def test_config_hf_dict_roundtrip_and_errors():
         ModelConfig.preset("tiny-llama", num_kv_heads=3)
     with pytest.raises(ModelConfigError, match="unknown model preset"):
         ModelConfig.preset("huge")
+
+
+def test_weight_decay_mask_judges_stacked_layers_per_layer():
+    """optim.decay_mask decides per layer, as before stacking: norm scales ([L, D] when stacked) do not decay."""
+    from jaxunlearn.checkpoint import canonical_path
+    from jaxunlearn.optim import decay_mask
+
+    params = split_params(nnx.eval_shape(lambda: init_model(ModelConfig.preset("tiny-qwen2", vocab_size=VOCAB))))[1]
+    flags = {canonical_path(p): m for p, m in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    assert flags["layers/self_attn/q_proj/kernel"] and flags["embed_tokens/embedding"]
+    assert not flags["layers/input_layernorm/scale"] and not flags["norm/scale"]
+    assert flags["layers/self_attn/q_proj/bias"]  # [L, H, D]: as before stacking, a [H, D] bias decays
+
+
+def test_run_config_model_options_reach_the_model():
+    """model.scan_layers / remat / attention from a run config (with overrides) build the model that runs;
+    a bad name is one ConfigError line listing the names."""
+    from jaxunlearn.config import ConfigError, apply_overrides, from_dict
+    from jaxunlearn.runner import model_setup
+    from jaxunlearn.sharding import make_mesh
+
+    cfg = apply_overrides(from_dict({}), ["model.remat=save_qkv_proj", "model.scan_layers=false"])
+    setup = model_setup(ModelConfig.preset("tiny-llama", vocab_size=VOCAB), cfg, make_mesh(1, 1, 1))
+    assert (setup.model_cfg.remat, setup.model_cfg.scan_layers, setup.model_cfg.attention) == ("save_qkv_proj", False, "xla")
+    assert setup.graphdef == _graphdef(setup.model_cfg)
+    with pytest.raises(ConfigError, match=r"^config\.model\.remat: unknown remat 'minimal' \(one of none, full, dots, "
+                                          r"dots_with_no_batch_dims, save_qkv_proj, save_qkv_out_proj\)$"):
+        from_dict({"model": {"remat": "minimal"}})
+    with pytest.raises(ConfigError, match=r"model\.attention: unknown attention 'flash' \(one of xla, cudnn\)"):
+        from_dict({"model": {"attention": "flash"}})

@@ -237,8 +237,8 @@ def test_load_places_params_on_given_shardings(saved_llama):
         param_logical_axes(abstract), is_leaf=lambda x: isinstance(x, tuple))
     placed = split_params(load_hf(saved_llama, shardings=shardings))[1]
     plain = split_params(load_hf(saved_llama))[1]
-    q = placed["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    q = placed["layers"]["self_attn"]["q_proj"]["kernel"][...]  # stacked [L, E, H, D]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     for x, y in zip(jax.tree.leaves(placed), jax.tree.leaves(plain)):
         np.testing.assert_array_equal(x, y)
 

@@ -9,11 +9,14 @@ from flax import nnx
 
 from jaxunlearn.models import ModelConfig, init_model, param_logical_axes, split_params
 from jaxunlearn.sharding import (
+    ACTIVATION_RULES,
     MeshError,
     batch_sharding,
     check_batch_divisible,
+    constrain,
     logical_to_spec,
     make_mesh,
+    mesh_context,
     param_shardings,
     replicated,
     shard_params,
@@ -81,3 +84,45 @@ def test_model_params_placed_and_batch_sharding():
         check_batch_divisible(6, mesh)
     with pytest.raises(ValueError, match="logical axes tree has"):
         param_shardings(axes, mesh, {"x": np.zeros(3)})
+
+
+def test_activation_rules_and_constrain_without_mesh():
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    act = ("batch", "length", "act_embed")
+    assert logical_to_spec(act, (8, 5, 32), mesh, ACTIVATION_RULES) == P(("data", "fsdp"), None, None)
+    assert logical_to_spec(("batch", "length", "vocab"), (8, 5, 64), mesh, ACTIVATION_RULES) == P(("data", "fsdp"), None, "tensor")
+    # a batch not divisible by data*fsdp stays replicated; size-1 axes drop out of the tuple
+    assert logical_to_spec(act, (6, 5, 32), mesh, ACTIVATION_RULES) == P(None, None, None)
+    assert logical_to_spec(act, (6, 5, 32), make_mesh(data=2, fsdp=1, tensor=4), ACTIVATION_RULES) == P("data", None, None)
+    x = np.ones((4, 3), np.float32)
+    assert constrain(x, ("batch", "act_embed")) is x  # no mesh set: nothing to pin
+    with mesh_context(None):
+        assert constrain(x, ("batch", "act_embed")) is x
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2)])
+def test_mox_step_compiles_without_involuntary_rematerialization(shape, capfd):
+    """The model pins its activations (batch over data x fsdp) when given the mesh, so XLA's partitioner
+    never falls back to replicating a tensor (its 'Involuntary full rematerialization' warning) in a MOX
+    train step, FSDP-8 or data x fsdp x tensor."""
+    import jax.numpy as jnp
+
+    from jaxunlearn.models import make_apply
+    from jaxunlearn.objectives import get_objective
+    from jaxunlearn.optim import make_optimizer
+    from jaxunlearn.train import make_train_step
+
+    mesh = make_mesh(*shape)
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=256, remat="full")
+    graphdef, abstract = split_params(nnx.eval_shape(lambda: init_model(cfg)))
+    shardings = param_shardings(param_logical_axes(abstract), mesh, abstract)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    optimizer, _ = make_optimizer(1e-3, 10, 1)
+    apply = make_apply(graphdef, mesh)
+    step = make_train_step(get_objective("mox"), apply, optimizer, mesh, shardings, params=params)
+    part = {k: jax.ShapeDtypeStruct((16, 32), jnp.int32) for k in ("input_ids", "attention_mask", "labels")}
+    lowered = step.lower(params, jax.eval_shape(optimizer.init, params), {"forget": part, "retain": part}, params)
+    assert "sharding_constraint" in lowered.as_text()
+    capfd.readouterr()
+    lowered.compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err

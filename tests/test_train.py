@@ -44,13 +44,20 @@ def world():
     graphdef, abstract = split_params(nnx.eval_shape(lambda: init_model(cfg)))
     rng = np.random.default_rng(0)
     # host-side random init with the model's shapes (eager init is slow on CPU): normal(0, 0.02), norms = 1
+    # (vectors per layer: the stacked layer parameters have a leading "layers" axis)
+    axes = param_logical_axes(abstract)
     params = jax.tree.map(
-        lambda s: np.ones(s.shape, s.dtype) if len(s.shape) == 1 else (0.02 * rng.standard_normal(s.shape)).astype(s.dtype),
-        abstract,
+        lambda s, ax: np.ones(s.shape, s.dtype) if layer_ndim(ax) == 1 else (0.02 * rng.standard_normal(s.shape)).astype(s.dtype),
+        abstract, axes,
     )
     batches = [{"forget": make_batch(rng), "retain": make_batch(rng)} for _ in range(2)]
-    return dict(cfg=cfg, graphdef=graphdef, apply=make_apply(graphdef), params=params, axes=param_logical_axes(abstract),
+    return dict(cfg=cfg, graphdef=graphdef, apply=make_apply(graphdef), params=params, axes=axes,
                 batches=batches)
+
+
+def layer_ndim(axes: tuple) -> int:
+    """Rank of one layer's slice of a parameter with these logical axes."""
+    return len([a for a in axes if a != "layers"])
 
 
 def weighted_mox():
@@ -218,12 +225,13 @@ def test_schedule_and_step_plan():
 
 
 def test_weight_decay_only_on_matrices(world):
-    """Zero gradients: only ndim >= 2 parameters shrink (decoupled decay), norm scales do not."""
+    """Zero gradients: only matrices (ndim >= 2 per layer) shrink (decoupled decay), norm scales do not."""
     params = jax.tree.map(jnp.asarray, world["params"])
     opt, _ = make_optimizer(1.0, total_steps=4, warmup_steps=0, weight_decay=0.5)
     updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
-    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
-        if p.ndim >= 2:
+    axes = jax.tree.leaves(world["axes"], is_leaf=lambda x: isinstance(x, tuple))
+    for u, p, ax in zip(jax.tree.leaves(updates), jax.tree.leaves(params), axes):
+        if layer_ndim(ax) >= 2:
             np.testing.assert_allclose(u, -0.5 * p, rtol=1e-6)
         else:
             assert float(jnp.abs(u).max()) == 0.0

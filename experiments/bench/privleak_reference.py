@@ -20,16 +20,16 @@ def main() -> None:
     ap.add_argument("run")
     args = ap.parse_args()
 
-    from jaxunlearn import data, runner
+    from jaxunlearn import data, rundir
     from jaxunlearn.evals import mia
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.evals.muse import min_k_scores
 
     run = pathlib.Path(args.run)
-    cfg, _ = runner.run_setup(run)
-    bench = runner.load_benchmark(cfg.data)
-    tok = runner.run_tokenizer(run)
-    setup, params, _ = runner.load_run_params(run, which="reference")
+    cfg, _ = rundir.run_setup(run)
+    bench = rundir.load_benchmark(cfg.data)
+    tok = rundir.run_tokenizer(run)
+    setup, params, _ = rundir.load_run_params(run, which="reference")
     ev = Evaluator(setup.graphdef, params, setup.model_cfg, tok, data.prompt_format_for(tok, "qa"), batch_size=32,
                    buckets=tuple(cfg.data.buckets), max_len=cfg.data.max_len)
 

@@ -22,17 +22,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    from jaxunlearn import data, runner
+    from jaxunlearn import data, rundir
     from jaxunlearn.data.prompts import encode_prompt, prompt_text
     from jaxunlearn.evals import metrics as M
     from jaxunlearn.evals.evaluator import Evaluator
 
     run = pathlib.Path(args.run)
-    cfg, _ = runner.run_setup(run)
-    bench = runner.load_benchmark(cfg.data)
-    tok = runner.run_tokenizer(run)
+    cfg, _ = rundir.run_setup(run)
+    bench = rundir.load_benchmark(cfg.data)
+    tok = rundir.run_tokenizer(run)
     fmt = data.prompt_format_for(tok, cfg.data.prompt_format)
-    setup, params, _ = runner.load_run_params(run, which="reference")
+    setup, params, _ = rundir.load_run_params(run, which="reference")
     ev = Evaluator(setup.graphdef, params, setup.model_cfg, tok, fmt, batch_size=32,
                    buckets=tuple(cfg.data.buckets), max_len=cfg.data.max_len)
     rows = bench.full[: args.rows]

@@ -32,11 +32,46 @@ class ModelConfigError(JaxunlearnError, ValueError):
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# Rematerialisation of each decoder layer in the backward pass (names as in MaxText's remat_policy):
+#   none                     keep every activation (no jax.checkpoint)
+#   full                     keep only each layer's input; recompute the rest
+#   dots                     keep the outputs of every matmul (jax.checkpoint_policies.checkpoint_dots)
+#   dots_with_no_batch_dims  keep weight matmuls (projections), recompute attention (MaxText "minimal")
+#   save_qkv_proj            keep the query/key/value projections only
+#   save_qkv_out_proj        keep the query/key/value and attention output projections
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj", "save_qkv_out_proj")
+# jax.nn.dot_product_attention implementations: "xla" runs everywhere; "cudnn" (flash attention) on NVIDIA GPUs
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "phi": "PhiForCausalLM",
+}
+
+# Published shapes (the architecture keys of each model's Hugging Face config.json), for planning
+# memory and for random-init runs at full size: ModelConfig.preset("Llama-3.1-8B").
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+HF_SHAPES: dict[str, dict[str, Any]] = {
+    "phi-1.5": dict(model_type="phi", vocab_size=51200, hidden_size=2048, intermediate_size=8192,
+                    num_hidden_layers=24, num_attention_heads=32, max_position_embeddings=2048,
+                    hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.5, rope_theta=10000.0,
+                    qk_layernorm=False, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
+    "Llama-2-7B": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "Llama-3.2-1B": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True,
+                         bos_token_id=128000, eos_token_id=128001),
+    "Llama-3.1-8B": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False,
+                         bos_token_id=128000, eos_token_id=128001),
 }
 
 
@@ -74,9 +109,14 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
-    remat: bool = False
+    # how the model runs (not part of the architecture, never written to config.json)
+    remat: str = "none"  # one of REMAT_POLICIES (True/False are read as "full"/"none")
+    scan_layers: bool = True  # jax.lax.scan over the stacked layers (False: a Python loop, same numbers)
+    attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         self.validate()
 
     # ----------------------------------------------------------------- checks and derived values
@@ -97,6 +137,11 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.hidden_act not in ACTIVATIONS:
             raise ModelConfigError(f"hidden_act {self.hidden_act!r} not supported (one of {ACTIVATIONS})")
+        if self.remat not in REMAT_POLICIES:
+            raise ModelConfigError(f"remat {self.remat!r} not supported (one of {', '.join(REMAT_POLICIES)})")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ModelConfigError(
+                f"attention {self.attention!r} not supported (one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
         rope_type = self.rope_params.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ModelConfigError(f"rope_scaling type {rope_type!r} not supported (one of {ROPE_TYPES})")
@@ -132,14 +177,25 @@ class ModelConfig:
             return self.sliding_window
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """`layer_window` of every layer."""
+        return tuple(self.layer_window(i) for i in range(self.num_layers))
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- presets
     @classmethod
-    def preset(cls, name: str, vocab_size: int = 256, **overrides) -> "ModelConfig":
-        """Small named shapes for demos and tests: "tiny-llama", "tiny-llama-gqa", "tiny-qwen2",
-        "tiny-mistral", "tiny-phi", "small-llama" (a few million parameters)."""
+    def preset(cls, name: str, vocab_size: int | None = None, **overrides) -> "ModelConfig":
+        """Named shapes. Small ones for demos and tests: "tiny-llama", "tiny-llama-gqa", "tiny-qwen2",
+        "tiny-mistral", "tiny-phi", "small-llama" (a few million parameters; vocab_size default 256).
+        Published ones (HF_SHAPES): "phi-1.5", "Llama-2-7B", "Llama-3.2-1B", "Llama-3.1-8B" (their own
+        vocabulary unless vocab_size is given)."""
+        if name in HF_SHAPES:
+            cfg = cls.from_hf_dict(HF_SHAPES[name], source=f"preset {name}")
+            return cfg.replace(**({} if vocab_size is None else {"vocab_size": vocab_size}), **overrides)
+        vocab_size = 256 if vocab_size is None else vocab_size
         presets = {
             "tiny-llama": dict(arch="llama", model_type="llama", hidden_size=64, intermediate_size=128,
                                num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16),
@@ -158,7 +214,7 @@ class ModelConfig:
                                 num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
         }
         if name not in presets:
-            raise ModelConfigError(f"unknown model preset {name!r} (one of {sorted(presets)})")
+            raise ModelConfigError(f"unknown model preset {name!r} (one of {sorted(presets) + list(HF_SHAPES)})")
         return cls(vocab_size=vocab_size, **{**presets[name], **overrides})
 
     # ----------------------------------------------------------------- Hugging Face config.json

@@ -18,8 +18,16 @@ activations. Norms, rotary tables and attention softmax run in float32; logits a
 Every parameter carries its logical axis names (nnx metadata `out_sharding`, not applied eagerly);
 `param_logical_axes` returns them as a tree with the structure of `params`.
 
-KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives a list (one per layer) of
-{"key", "value"} arrays [B, max_len, num_kv_heads, head_dim]; `make_decode(graphdef)` gives
+Layers: every decoder-layer parameter is stored stacked, [num_layers, ...] with the leading logical axis
+"layers" (never sharded), e.g. params["layers"]["self_attn"]["q_proj"]["kernel"] is [L, E, H, D]. The
+layers run as one jax.lax.scan over that axis (ModelConfig.scan_layers; program size and compile time do
+not grow with depth) or as a Python loop over the same parameters, each layer rematerialised with the
+policy named by ModelConfig.remat. Attention is jax.nn.dot_product_attention (ModelConfig.attention:
+"xla" or "cudnn") with a boolean causal + padding (+ sliding-window) mask; grouped-query attention passes
+the fewer key/value heads as they are.
+
+KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"} arrays stacked over
+layers, [num_layers, B, max_len, num_kv_heads, head_dim]; `make_decode(graphdef)` gives
 `decode(params, input_ids[B,S], positions[B,S], kv_mask[B,max_len], cache, cache_index) -> (logits, cache)`,
 which writes the S new keys/values at slots [cache_index, cache_index + S) and lets the query at slot s
 attend to slot j iff j <= s and kv_mask[b, j] == 1.
@@ -34,10 +42,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.models.config import ModelConfig, ModelConfigError
+from jaxunlearn.sharding import constrain, mesh_context
 
-LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
+LAYERS_AXIS = "layers"
+LOGICAL_AXES = (LAYERS_AXIS, "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
+# logical axes of activations (jaxunlearn.sharding.ACTIVATION_RULES)
+ACT_EMBED = ("batch", "length", "act_embed")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
+ACT_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+ACT_MLP = ("batch", "length", "mlp")
+ACT_VOCAB = ("batch", "length", "vocab")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -236,8 +253,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- attention
-def attention_bias(query_slots, kv_mask, window: int | None) -> jax.Array:
-    """Boolean [B, 1, T, S]: query at slot query_slots[b, t] may attend key slot j."""
+def attention_mask(query_slots, kv_mask, window=None) -> jax.Array:
+    """Boolean [B, 1, T, S]: query at slot query_slots[b, t] may attend key slot j (causal, padding and,
+    when `window` is given (an int or a traced int32 scalar), sliding window j > slot - window)."""
     key_slots = jnp.arange(kv_mask.shape[1])[None, None, :]
     q = query_slots[:, :, None]
     allowed = (key_slots <= q) & (kv_mask[:, None, :] != 0)
@@ -247,7 +265,7 @@ def attention_bias(query_slots, kv_mask, window: int | None) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rng, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rng, dtype, param_dtype):
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         common = dict(rng=rng, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Dense((e,), (h, d), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, **common)
@@ -260,17 +278,17 @@ class Attention(nnx.Module):
             self.k_layernorm = LayerNorm(d, cfg.norm_eps, **norm)
         else:
             self.q_layernorm = self.k_layernorm = None
-        self.num_kv_heads, self.head_dim = kv, d
-        self.window = cfg.layer_window(layer)
+        self.implementation = cfg.attention
         self.dtype = dtype
 
-    def __call__(self, x, cos, sin, query_slots, kv_mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, query_slots, kv_mask, window=None, cache=None, cache_index=None):
         q, k = self.q_proj(x), self.k_proj(x)
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        v = self.v_proj(x)
+        q = checkpoint_name(constrain(apply_rope(q, cos, sin), ACT_HEADS), "query_proj")
+        k = checkpoint_name(constrain(apply_rope(k, cos, sin), ACT_KV_HEADS), "key_proj")
+        v = checkpoint_name(constrain(self.v_proj(x), ACT_KV_HEADS), "value_proj")
+        implementation = self.implementation
         if cache is not None:
             k_all = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),
                                                         cache_index, axis=1)
@@ -278,15 +296,16 @@ class Attention(nnx.Module):
                                                         cache_index, axis=1)
             cache = {"key": k_all, "value": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        b, t, h, d = q.shape
-        g = h // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, g, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(d ** -0.5, self.dtype)
-        allowed = attention_bias(query_slots, kv_mask, self.window)[:, :, None]  # [B,1,1,T,S]
-        scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-        return self.o_proj(out), cache
+            implementation = "xla"  # queries sit at cache slots, not 0..T-1: cuDNN's causal mask does not apply
+        if implementation == "cudnn" and jax.default_backend() != "gpu":
+            raise ModelConfigError(f"attention 'cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); "
+                                   "use attention 'xla'")
+        # Grouped-query attention: dot_product_attention takes fewer key/value heads than query heads
+        # and groups the queries (keys and values are never repeated).
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=attention_mask(query_slots, kv_mask, window),
+            is_causal=implementation == "cudnn", implementation=implementation)
+        return checkpoint_name(self.o_proj(out), "out_proj"), cache
 
 
 class MLP(nnx.Module):
@@ -301,7 +320,7 @@ class MLP(nnx.Module):
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x):
-        return self.down_proj(activation(self.hidden_act)(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(constrain(activation(self.hidden_act)(self.gate_proj(x)) * self.up_proj(x), ACT_MLP))
 
 
 class PhiMLP(nnx.Module):
@@ -315,30 +334,65 @@ class PhiMLP(nnx.Module):
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x):
-        return self.fc2(activation(self.hidden_act)(self.fc1(x)))
+        return self.fc2(constrain(activation(self.hidden_act)(self.fc1(x)), ACT_MLP))
 
 
 class DecoderLayer(nnx.Module):
     """Llama: x + attn(norm1 x), then + mlp(norm2 .). Phi: x + attn(norm x) + mlp(norm x)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rng, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rng, dtype, param_dtype):
         common = dict(dtype=dtype, param_dtype=param_dtype)
         self.parallel = cfg.arch == "phi"
         self.input_layernorm = _norm(cfg, **common)
-        self.self_attn = Attention(cfg, layer, rng=rng, **common)
+        self.self_attn = Attention(cfg, rng=rng, **common)
         if self.parallel:
             self.mlp = PhiMLP(cfg, rng=rng, **common)
         else:
             self.post_attention_layernorm = _norm(cfg, **common)
             self.mlp = MLP(cfg, rng=rng, **common)
 
-    def __call__(self, x, cos, sin, query_slots, kv_mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, query_slots, kv_mask, window=None, cache=None, cache_index=None):
         h = self.input_layernorm(x)
-        attn, cache = self.self_attn(h, cos, sin, query_slots, kv_mask, cache, cache_index)
+        attn, cache = self.self_attn(h, cos, sin, query_slots, kv_mask, window, cache, cache_index)
         if self.parallel:
-            return x + attn + self.mlp(h), cache
+            return constrain(x + attn + self.mlp(h), ACT_EMBED), cache
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), ACT_EMBED), cache
+
+
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+    """One module of the layers' class whose every parameter is the layers' parameters stacked on a new
+    leading axis (logical name "layers", never sharded)."""
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.split(layer)[1] for layer in layers]
+
+    def stack(*variables):
+        axes = tuple(variables[0].get_metadata().get("out_sharding") or ())
+        value = jnp.stack([v[...] for v in variables])
+        return nnx.Param(value, out_sharding=(LAYERS_AXIS, *axes), eager_sharding=False)
+
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a REMAT_POLICIES name (None for "full": save nothing)."""
+    policies = jax.checkpoint_policies
+    return {
+        "full": None,
+        "dots": policies.checkpoint_dots,
+        "dots_with_no_batch_dims": policies.checkpoint_dots_with_no_batch_dims,
+        "save_qkv_proj": policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+        "save_qkv_out_proj": policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+    }[name]
+
+
+def _window_array(windows: tuple[int | None, ...]) -> jax.Array | None:
+    """Per-layer windows as int32 [L] (full-attention layers get a window no sequence reaches), or None when
+    no layer has one."""
+    if all(w is None for w in windows):
+        return None
+    return jnp.asarray([np.iinfo(np.int32).max // 2 if w is None else w for w in windows], jnp.int32)
 
 
 class CausalLM(nnx.Module):
@@ -353,8 +407,9 @@ class CausalLM(nnx.Module):
         self.embed_tokens = nnx.Module()
         self.embed_tokens.embedding = _param(rng, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                              param_dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rng=rng, dtype=dtype, param_dtype=param_dtype)
-                                for i in range(cfg.num_layers)])
+        # built one layer at a time (same random draws as a per-layer model), then stacked
+        self.layers = stack_layers([DecoderLayer(cfg, rng=rng, dtype=dtype, param_dtype=param_dtype)
+                                    for _ in range(cfg.num_layers)])
         self.norm = _norm(cfg, dtype, param_dtype)
         self.lm_head = nnx.Module()  # kernel None when tied to the embedding; bias only where the arch has one
         self.lm_head.kernel = (None if cfg.tie_word_embeddings else
@@ -387,28 +442,49 @@ class CausalLM(nnx.Module):
     def forward_hidden(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None,
                        num_layers=None):
         """Embedding and the first `num_layers` (default: all) decoder layers, no final norm;
-        returns (residual stream [B, T, D], new cache or None)."""
+        returns (residual stream [B, T, D], new cache or None).
+
+        The layers run as a jax.lax.scan over the stacked layer parameters (`config.scan_layers`), or as a
+        Python loop over the same parameters; each layer under jax.checkpoint with `config.remat`'s policy
+        when there is no cache. With a cache ({"key", "value"} [L, B, S, kv_heads, head_dim]), its
+        per-layer slices travel through the scan with the parameters."""
         cfg = self.config
-        x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
+        n = cfg.num_layers if num_layers is None else int(num_layers)
+        if not 0 <= n <= cfg.num_layers:
+            raise ValueError(f"num_layers must be in [0, {cfg.num_layers}], got {num_layers}")
+        if cache is not None and n != cfg.num_layers:
+            raise ValueError("a KV cache needs every layer (num_layers=None)")
+        # gather from the table all-gathered over its fsdp-sharded feature axis (as FSDP does for every
+        # weight), so that the lookup and its gradient stay batch-sharded like the activations
+        table = constrain(self.embed_tokens.embedding[...], ("vocab", "act_embed"))
+        x = constrain(jnp.take(table, input_ids, axis=0).astype(self.dtype), ACT_EMBED)
         cos, sin = rope_tables(cfg, positions)
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            if num_layers is not None and i >= num_layers:
-                break
-            layer_cache = cache[i] if cache is not None else None
-            if cfg.remat and cache is None:
-                x, _ = _remat_layer(layer, x, cos, sin, query_slots, kv_mask)
-            else:
-                x, layer_cache = layer(x, cos, sin, query_slots, kv_mask, layer_cache, cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
+        graphdef, state = nnx.split(self.layers)
+        windows = _window_array(cfg.layer_windows)
+        xs = (state, windows, cache)
+        if n < cfg.num_layers:
+            xs = jax.tree.map(lambda a: a[:n], xs)
+
+        def body(x, layer_xs):
+            layer_state, window, layer_cache = layer_xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, cos, sin, query_slots, kv_mask, window, layer_cache, cache_index)
+
+        if cfg.remat != "none" and cache is None:
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        if n == 0:
+            return x, cache
+        if cfg.scan_layers:
+            return jax.lax.scan(body, x, xs)
+        outputs = []
+        for i in range(n):
+            x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs))
+            outputs.append(layer_cache)
+        new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outputs)
         return x, new_cache
 
     def logits_from_hidden(self, x):
         """Logits (float32) from final-normed hidden states of any leading shape [..., D]."""
-        return self._logits(x)
-
-    def _logits(self, x):
         if self.lm_head.kernel is None:
             kernel = self.embed_tokens.embedding[...].astype(self.dtype).T
         else:
@@ -416,18 +492,7 @@ class CausalLM(nnx.Module):
         logits = jnp.einsum("...e,ev->...v", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         if self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
-        return logits
-
-
-def _remat_layer(layer, x, cos, sin, query_slots, kv_mask):
-    """Run one layer under jax.checkpoint (activations recomputed in the backward pass)."""
-    graphdef, state = nnx.split(layer)
-
-    @jax.checkpoint
-    def run(state, x, cos, sin):
-        return nnx.merge(graphdef, state)(x, cos, sin, query_slots, kv_mask)[0]
-
-    return run(state, x, cos, sin), None
+        return constrain(logits, ACT_VOCAB) if logits.ndim == 3 else logits
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -440,8 +505,8 @@ def init_model(cfg: ModelConfig, seed: int = 0, dtype="float32", param_dtype="fl
     """A randomly initialised model: normal(0, 0.02) weights, unit norm scales, zero biases.
 
     All weights are consecutive slices of one `jax.random.normal(jax.random.key(seed), (n,))` draw in
-    construction order, so init is one random op, works eagerly and under jit/eval_shape, and is
-    bit-reproducible for a given (config, seed).
+    construction order (embedding, then layer 0's weights, layer 1's, ..., then the head), so init is one
+    random op, works eagerly and under jit/eval_shape, and is bit-reproducible for a given (config, seed).
     """
 
     def build(rng):
@@ -474,31 +539,41 @@ class Apply:
 
     `apply(p, ids, m) == apply.head(p, apply.hidden(p, ids, m))`; losses over the vocabulary use
     hidden + head to compute logits one sequence chunk at a time (objectives/common.per_token).
+
+    With a `mesh`, the functions trace under it, so the model pins its activations' shardings
+    (jaxunlearn.sharding.constrain: batch over ("data", "fsdp")); without one nothing is pinned.
     """
 
-    def __init__(self, graphdef):
+    def __init__(self, graphdef, mesh=None):
         self.graphdef = graphdef
+        self.mesh = mesh
+
+    def _model(self, params) -> CausalLM:
+        return nnx.merge(self.graphdef, params)
 
     def __call__(self, params, input_ids, attention_mask=None, positions=None):
-        return nnx.merge(self.graphdef, params)(input_ids, attention_mask, positions)
+        with mesh_context(self.mesh):
+            return self._model(params)(input_ids, attention_mask, positions)
 
     def hidden(self, params, input_ids, attention_mask=None, positions=None, num_layers=None):
-        return nnx.merge(self.graphdef, params).hidden(input_ids, attention_mask, positions, num_layers)
+        with mesh_context(self.mesh):
+            return self._model(params).hidden(input_ids, attention_mask, positions, num_layers)
 
     def head(self, params, hidden):
-        return nnx.merge(self.graphdef, params).logits_from_hidden(hidden)
+        with mesh_context(self.mesh):
+            return self._model(params).logits_from_hidden(hidden)
 
 
-def make_apply(graphdef) -> Apply:
+def make_apply(graphdef, mesh=None) -> Apply:
     """Pure `apply(params, input_ids, attention_mask=None, positions=None) -> logits [B, T, V]`,
     with `.hidden` and `.head` (see Apply)."""
-    return Apply(graphdef)
+    return Apply(graphdef, mesh)
 
 
 def param_logical_axes(model_or_params) -> Any:
     """Logical axis names of every parameter: the params tree with each array replaced by a tuple of names
     from LOGICAL_AXES or None (tuples are leaves for `jax.tree.map(f, params, axes)`; with the axes tree
-    first, pass `is_leaf=lambda x: isinstance(x, tuple)`)."""
+    first, pass `is_leaf=lambda x: isinstance(x, tuple)`). Layer parameters start with "layers"."""
     params = model_or_params
     if isinstance(model_or_params, nnx.Module):
         _, params = split_params(model_or_params)
@@ -511,18 +586,20 @@ def param_count(params) -> int:
 
 
 # --------------------------------------------------------------------------- KV cache
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> list[dict[str, jax.Array]]:
-    """Zeroed KV cache: one {"key", "value"} [B, max_len, num_kv_heads, head_dim] per layer."""
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> dict[str, jax.Array]:
+    """Zeroed KV cache {"key", "value"}, each stacked over layers: [num_layers, B, max_len, num_kv_heads,
+    head_dim]."""
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
 
-def make_decode(graphdef) -> Callable:
+def make_decode(graphdef, mesh=None) -> Callable:
     """Pure `decode(params, input_ids, positions, kv_mask, cache, cache_index) -> (logits, cache)`."""
 
     def decode(params, input_ids, positions, kv_mask, cache, cache_index):
         model = nnx.merge(graphdef, params)
         slots = cache_index + jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
-        return model.forward(input_ids, positions, slots, kv_mask, cache, cache_index)
+        with mesh_context(mesh):
+            return model.forward(input_ids, positions, slots, kv_mask, cache, cache_index)
 
     return decode

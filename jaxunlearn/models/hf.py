@@ -42,42 +42,48 @@ class CheckpointError(JaxunlearnError, ValueError):
 # --------------------------------------------------------------------------- name/layout table
 # kind: how an HF tensor maps to ours. "copy": same layout; "linear": HF [out, in] -> ours [in, out];
 # "split_out": HF [H*D, E] -> ours [E, H, D]; "split_bias": [H*D] -> [H, D]; "split_in": HF [E, H*D] -> [H, D, E].
-def weight_table(cfg: ModelConfig) -> list[tuple[str, tuple, str]]:
-    """(hf_key, path in our params, kind) for every weight of the architecture, in HF order."""
-    rows: list[tuple[str, tuple, str]] = [("model.embed_tokens.weight", ("embed_tokens", "embedding"), "copy")]
+# Layer weights live in stacked parameters: row (hf_key, path, kind, i) is slice i of the [L, ...] param at path.
+def weight_table(cfg: ModelConfig) -> list[tuple[str, tuple, str, int | None]]:
+    """(hf_key, path in our params, kind, layer index or None) for every weight of the architecture, in HF order."""
+    rows: list[tuple[str, tuple, str, int | None]] = [
+        ("model.embed_tokens.weight", ("embed_tokens", "embedding"), "copy", None)]
     phi = cfg.arch == "phi"
     for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}", ("layers", i)
+        hf, ours = f"model.layers.{i}", ("layers",)
+
+        def add(hf_name, path, kind):
+            rows.append((f"{hf}.{hf_name}", (*ours, *path), kind, i))
+
         for proj in ("q_proj", "k_proj", "v_proj"):
-            rows.append((f"{hf}.self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), "split_out"))
+            add(f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), "split_out")
             if cfg.qkv_bias:
-                rows.append((f"{hf}.self_attn.{proj}.bias", (*ours, "self_attn", proj, "bias"), "split_bias"))
+                add(f"self_attn.{proj}.bias", ("self_attn", proj, "bias"), "split_bias")
         if cfg.qk_layernorm:
             for norm in ("q_layernorm", "k_layernorm"):
                 for hf_name, ours_name in (("weight", "scale"), ("bias", "bias")):
-                    rows.append((f"{hf}.self_attn.{norm}.{hf_name}", (*ours, "self_attn", norm, ours_name), "copy"))
+                    add(f"self_attn.{norm}.{hf_name}", ("self_attn", norm, ours_name), "copy")
         o_name = "dense" if phi else "o_proj"
-        rows.append((f"{hf}.self_attn.{o_name}.weight", (*ours, "self_attn", "o_proj", "kernel"), "split_in"))
+        add(f"self_attn.{o_name}.weight", ("self_attn", "o_proj", "kernel"), "split_in")
         if cfg.o_bias:
-            rows.append((f"{hf}.self_attn.{o_name}.bias", (*ours, "self_attn", "o_proj", "bias"), "copy"))
+            add(f"self_attn.{o_name}.bias", ("self_attn", "o_proj", "bias"), "copy")
         mlp = ("fc1", "fc2") if phi else ("gate_proj", "up_proj", "down_proj")
         for proj in mlp:
-            rows.append((f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), "linear"))
+            add(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), "linear")
             if cfg.mlp_bias:
-                rows.append((f"{hf}.mlp.{proj}.bias", (*ours, "mlp", proj, "bias"), "copy"))
+                add(f"mlp.{proj}.bias", ("mlp", proj, "bias"), "copy")
         norms = ("input_layernorm",) if phi else ("input_layernorm", "post_attention_layernorm")
         for norm in norms:
-            rows.append((f"{hf}.{norm}.weight", (*ours, norm, "scale"), "copy"))
+            add(f"{norm}.weight", (norm, "scale"), "copy")
             if phi:
-                rows.append((f"{hf}.{norm}.bias", (*ours, norm, "bias"), "copy"))
+                add(f"{norm}.bias", (norm, "bias"), "copy")
     final = "model.final_layernorm" if phi else "model.norm"
-    rows.append((f"{final}.weight", ("norm", "scale"), "copy"))
+    rows.append((f"{final}.weight", ("norm", "scale"), "copy", None))
     if phi:
-        rows.append((f"{final}.bias", ("norm", "bias"), "copy"))
+        rows.append((f"{final}.bias", ("norm", "bias"), "copy", None))
     if not cfg.tie_word_embeddings:
-        rows.append(("lm_head.weight", ("lm_head", "kernel"), "linear"))
+        rows.append(("lm_head.weight", ("lm_head", "kernel"), "linear", None))
     if cfg.lm_head_bias:
-        rows.append(("lm_head.bias", ("lm_head", "bias"), "copy"))
+        rows.append(("lm_head.bias", ("lm_head", "bias"), "copy", None))
     return rows
 
 
@@ -184,7 +190,7 @@ def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig 
     cfg = config or ModelConfig.from_hf_folder(folder)
     files = checkpoint_files(folder)
     table = weight_table(cfg)
-    expected = {hf_key for hf_key, _, _ in table}
+    expected = {row[0] for row in table}
     present = {k for k in files if not _ignored(k)}
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" in present
     if tied_head:
@@ -202,23 +208,32 @@ def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig 
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype))
     graphdef, params = split_params(abstract)
     target = jnp.dtype(param_dtype)
-    kinds = {hf_key: (path, kind) for hf_key, path, kind in table}
-    values = {}
+    rows = {hf_key: (path, kind, layer) for hf_key, path, kind, layer in table}
+    host: dict[tuple, np.ndarray] = {}  # path -> full (stacked) host array, filled slice by slice
     for name, array in _read(files, sorted(expected, key=_natural)):
-        path, kind = kinds[name]
-        var = _at(params, path)
-        want = hf_shape(var.shape, kind)
+        path, kind, layer = rows[name]
+        shape = _at(params, path).shape
+        if path not in host:
+            host[path] = np.empty(shape, target)
+        our_shape = shape if layer is None else shape[1:]
+        want = hf_shape(our_shape, kind)
         if tuple(array.shape) != want:
             raise CheckpointError(f"{files[name]}: weight {name!r} has shape {tuple(array.shape)}, "
                                   f"expected {want}")
-        value = to_ours(array, kind, var.shape)
+        value = to_ours(array, kind, our_shape).astype(target)
+        if layer is None:
+            host[path] = value
+        else:
+            host[path][layer] = value
+    values = {}
+    for path, value in host.items():
         if shardings is None:
-            values[path] = jnp.asarray(value, dtype=target)
+            values[path] = jnp.asarray(value)
         else:
             sharding = _at(shardings, path)
             if isinstance(sharding, nnx.Variable):
                 sharding = sharding.get_value()
-            values[path] = jax.device_put(value.astype(target), sharding)
+            values[path] = jax.device_put(value, sharding)
     if tied_head:
         _check_tied(files, values[("embed_tokens", "embedding")], target)
     for path, value in values.items():
@@ -267,9 +282,11 @@ def hf_state_dict(model_or_params, cfg: ModelConfig | None = None) -> dict[str, 
         params = model_or_params
         if cfg is None:
             raise ValueError("hf_state_dict(params) needs cfg")
-    out = {}
-    for hf_key, path, kind in weight_table(cfg):
-        value = np.asarray(jax.device_get(_at(params, path)[...]))
+    out, host = {}, {}
+    for hf_key, path, kind, layer in weight_table(cfg):
+        if path not in host:
+            host[path] = np.asarray(jax.device_get(_at(params, path)[...]))
+        value = host[path] if layer is None else host[path][layer]
         out[hf_key] = np.ascontiguousarray(to_hf(value, kind))
     return out
 

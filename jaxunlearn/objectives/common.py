@@ -42,7 +42,24 @@ def per_token(apply, params, data, fn: TokenFn, ref_params=None) -> jax.Array:
     fn receives float32 logits at positions 0..T-2 (`ref_logits` the frozen reference's, under
     stop_gradient, when ref_params is given, else None), the next-token targets (labels[:, 1:],
     IGNORE replaced by 0) and the float mask of scored targets; it returns one value per position.
+
+    Memory: when `apply` has `.hidden`/`.head` and a positive `loss_chunk` (see `with_loss_chunk`)
+    shorter than the sequence, the model runs once to hidden states and `fn` is evaluated one
+    chunk of `loss_chunk` positions at a time under jax.checkpoint, so at most one chunk of
+    float32 [B, loss_chunk, V] logits (per model) is alive, in the forward and the backward pass.
+    Otherwise (a plain apply function, chunking off, or a short sequence) the full logits are built.
     """
+    ids, mask = data["input_ids"], data["attention_mask"]
+    size = loss_chunk_of(apply)
+    if size <= 0 or size >= ids.shape[1] - 1 or not hasattr(apply, "hidden"):
+        return _per_token_full(apply, params, data, fn, ref_params)
+    h = apply.hidden(params, ids, mask)
+    ref_h = None if ref_params is None else jax.lax.stop_gradient(apply.hidden(ref_params, ids, mask))
+    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, size)
+
+
+def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
+    """per_token with the full [B, T, V] logits of both models."""
     logits = apply(params, data["input_ids"], data["attention_mask"])
     ref_logits = None
     if ref_params is not None:
@@ -50,6 +67,62 @@ def per_token(apply, params, data, fn: TokenFn, ref_params=None) -> jax.Array:
         ref_logits = ref_logits[:, :-1].astype(jnp.float32)
     logits, targets, mask = ops.shift_labels(logits, data["labels"])
     return fn(logits.astype(jnp.float32), ref_logits, targets, mask)
+
+
+def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int) -> jax.Array:
+    """fn over sequence chunks of `size` positions of hidden states h [B, T, D] -> [B, T-1].
+
+    Position t is scored against labels[t+1]; the last position (no next token) and the padding
+    up to a multiple of `size` get target 0 with mask 0 and are dropped from the result.
+    """
+    b, t = labels.shape
+    n = -(-t // size)
+    pad = n * size - t
+    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1 + pad)), constant_values=ops.IGNORE)
+    mask = (targets != ops.IGNORE).astype(jnp.float32)
+    targets = jnp.where(targets == ops.IGNORE, 0, targets)
+
+    def chunks(x):  # [B, T', ...] -> [n, B, size, ...]
+        x = jnp.pad(x, ((0, 0), (0, n * size - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(params, ref_params, h_c, ref_c, t_c, m_c):
+        ref_logits = None
+        if ref_c is not None:
+            ref_logits = jax.lax.stop_gradient(head(ref_params, ref_c)).astype(jnp.float32)
+        return fn(head(params, h_c).astype(jnp.float32), ref_logits, t_c, m_c)
+
+    xs = (chunks(h), None if ref_h is None else chunks(ref_h), chunks(targets), chunks(mask))
+    values = jax.lax.map(lambda x: one_chunk(params, ref_params, *x), xs)  # [n, B, size]
+    return jnp.moveaxis(values, 0, 1).reshape(b, n * size)[:, : t - 1]
+
+
+def loss_chunk_of(apply) -> int:
+    """Sequence chunk size per_token uses with `apply` (0 = full logits)."""
+    return int(getattr(apply, "loss_chunk", 0) or 0)
+
+
+class ChunkedApply:
+    """An `apply` (see models.Apply) whose vocabulary losses per_token computes in chunks of
+    `loss_chunk` positions; every other attribute (hidden, head, mesh, graphdef) is the wrapped one's."""
+
+    def __init__(self, apply, loss_chunk: int):
+        self.apply = apply
+        self.loss_chunk = int(loss_chunk)
+
+    def __call__(self, *args, **kwargs):
+        return self.apply(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "apply":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.apply, name)
+
+
+def with_loss_chunk(apply, loss_chunk: int):
+    """`apply` with per_token's chunk size (0 = full logits); replaces an earlier setting."""
+    return ChunkedApply(apply.apply if isinstance(apply, ChunkedApply) else apply, loss_chunk)
 
 
 def label_logp(logits: jax.Array, ref_logits, targets: jax.Array, mask: jax.Array) -> jax.Array:
