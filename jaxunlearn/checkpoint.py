@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from jaxunlearn.config import read_yaml
+from jaxunlearn.errors import JaxunlearnError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -50,7 +51,7 @@ PARAMS_DIR = "params"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxunlearnError, ValueError):
     """A checkpoint or run directory is unusable (bad content, wrong layout)."""
 
 
@@ -62,7 +63,7 @@ class CheckpointExistsError(CheckpointError):
     """Refused to overwrite an existing reference or forget checkpoint."""
 
 
-class RunNotFoundError(FileNotFoundError):
+class RunNotFoundError(JaxunlearnError, FileNotFoundError):
     """A run directory, or a checkpoint inside it, does not exist."""
 
 

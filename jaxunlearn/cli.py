@@ -2,7 +2,16 @@
 
 Each subcommand lives in its own module and is imported only when used, so that
 `jaxunlearn --help` is fast and one module's import cost does not slow the others.
-A subcommand is a function `main(argv: list[str]) -> int`.
+A subcommand is a function `main(argv: list[str]) -> int` that raises on failure.
+
+Exit status (the one exit path of every command):
+  0  success
+  1  an expected failure: a `jaxunlearn.errors.JaxunlearnError` (bad config, data, checkpoint,
+     non-finite step, ...) or an OS error (missing file, permission, disk full); stderr gets one
+     line `jaxunlearn CMD: error: MESSAGE`, and checkpoints already written are kept
+  2  a usage error (unknown command, bad or missing options)
+Set JAXUNLEARN_DEBUG=1 to get the traceback instead of the one line. Any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,17 +24,16 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("jaxunlearn.demo", "main", "end-to-end MOX on the built-in benchmark (CPU-sized)"),
     "finetune": ("jaxunlearn.runner", "finetune_main", "train a reference/retain model on a benchmark split"),
-    "unlearn": ("jaxunlearn.runner", "unlearn_main", "unlearn with MOX (default) or a baseline"),
+    "unlearn": ("jaxunlearn.runner", "unlearn_main", "unlearn with method=NAME (default mox; see README methods)"),
+    "continual": ("jaxunlearn.runner", "continual_main", "unlearn forget splits in sequence, each from the last result"),
     "extrapolate": ("jaxunlearn.runner", "extrapolate_main", "write forget models for given alphas from a run"),
     "export-hf": ("jaxunlearn.runner", "export_hf_main", "export a run's parameters as a Hugging Face folder"),
     "eval": ("jaxunlearn.evals.cli", "main", "evaluate a run directory or a Hugging Face folder"),
     "data": ("jaxunlearn.data.cli", "main", "validate a benchmark and print its split sizes"),
 }
 
-# Expected failures (bad config, bad data, missing files, hash mismatches, non-finite losses) are raised
-# as these types with a message naming what is wrong; the CLI prints that one line and exits non-zero.
-# Set JAXUNLEARN_DEBUG=1 to see the full traceback instead.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+EXIT_ERROR = 1  # an expected failure (see the module docstring)
+EXIT_USAGE = 2  # unknown command or bad options (argparse uses 2 too)
 
 
 def _usage() -> str:
@@ -43,16 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"jaxunlearn: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module, func, _ = COMMANDS[name]
+    from jaxunlearn.errors import JaxunlearnError
+
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except USER_ERRORS as err:
+    except (JaxunlearnError, OSError) as err:
         if os.environ.get("JAXUNLEARN_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"jaxunlearn {name}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ A run is described by one `RunConfig` composed of sections:
   data        DataSpec        benchmark, source, forget split, lengths, prompt format
   train       TrainSpec       optimiser, schedule, batch size, accumulation, seed, clipping
   mesh        MeshSpec        device mesh shape (data, fsdp, tensor)
-  mox         MoxSpec         objective name + its hyper-parameters, extrapolation alpha/eta
+  method      MethodSpec      the unlearning method (jaxunlearn.methods) and its hyper-parameters
   checkpoint  CheckpointSpec  how many checkpoints to keep and how often to save
 
 Public functions:
@@ -14,6 +14,11 @@ Public functions:
   from_dict(d, where="config") -> RunConfig       (strict: unknown keys and wrong types raise)
   apply_overrides(cfg, ["train.lr=1e-4", ...]) -> RunConfig
   to_dict(cfg) -> plain dict (YAML/JSON-safe);  save_yaml(cfg, path)
+
+The method section is `method: NAME` or `method: {name: NAME, KEY: VALUE, ...}`; on the command
+line `method=NAME` (switches to NAME with its published defaults) and `method.KEY=VALUE` (give
+`method=NAME` first). Its keys are validated against the named method's hyper-parameter dataclass.
+The former `mox:` section is refused with a one-line pointer to `method.KEY`.
 
 Every error is a `ConfigError` (a ValueError) whose one-line message names the file or
 override and the dotted key that is wrong.
@@ -30,8 +35,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from jaxunlearn.errors import JaxunlearnError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaxunlearnError, ValueError):
     """A config file or override is malformed: the message names the key and the problem."""
 
 
@@ -51,8 +58,9 @@ class DataSpec:
     """Which benchmark and how to tokenise it."""
 
     benchmark: str = "synthetic"  # "synthetic" | "tofu" | "muse"
+    corpus: str = "news"  # MUSE corpus: "news" | "books"
     source: Optional[str] = None  # local folder of data files; None = the hub / built-in generator
-    forget_split: str = "forget10"
+    forget_split: str = "forget10"  # TOFU split; synthetic: forget01 | forget05 | forget10 (1, 2, 4 authors)
     max_len: int = 128
     buckets: tuple[int, ...] = (64, 128)  # static padded lengths (sorted, last == max_len)
     prompt_format: Optional[str] = None  # None = pick from the tokenizer / model family
@@ -91,19 +99,15 @@ class MeshSpec:
 
 
 @dataclass(frozen=True)
-class MoxSpec:
-    """Unlearning objective and extrapolation settings."""
+class MethodSpec:
+    """The unlearning method (a key of jaxunlearn.methods.METHODS) and its hyper-parameters."""
 
-    objective: str = "mox"  # a key of jaxunlearn.objectives.OBJECTIVES
-    retain_weight: float = 1.0
-    beta: float = 0.1  # NPO temperature (mox_npo, npo baselines)
-    target_weight: float = 1.0  # weight of the subtracted target NLL (mox_targeted)
-    alpha: float = 4.0
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # sweep
-    rule: str = "linear"  # a key of jaxunlearn.extrapolate.RULES
-    momentum: bool = False  # on-the-fly extrapolation with momentum during memorisation
-    eta: float = 0.675
-    momentum_every: int = 0  # optimiser steps between momentum updates; 0 = once per epoch
+    name: str = "mox"
+    params: Any = None  # an instance of the method's params dataclass; None = its published defaults
+
+    def __post_init__(self):
+        if self.params is None:
+            object.__setattr__(self, "params", _method(self.name, "method").params())
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,9 @@ class RunConfig:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     mesh: MeshSpec = field(default_factory=MeshSpec)
-    mox: MoxSpec = field(default_factory=MoxSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     run_dir: Optional[str] = None
-    method: str = "mox"  # "mox" or a baseline name; "finetune" for reference training
 
 
 # ---------------------------------------------------------------- type checking
@@ -192,9 +195,45 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is MethodSpec:
+        return _build_method(value, where)
     if _is_dataclass_type(tp):
         return _build(tp, value, where)
     raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+MOX_MOVED = "the mox section is now the method section (method: {name: mox, alpha: ...}; method.KEY=VALUE)"
+
+
+def _method(name: Any, where: str):
+    from jaxunlearn.methods import UnknownMethodError, get_method
+
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name: expected a method name, got {name!r}")
+    try:
+        return get_method(name)
+    except UnknownMethodError as e:
+        raise ConfigError(f"{where}.name: {e}") from None
+
+
+def _build_method(value: Any, where: str) -> MethodSpec:
+    """MethodSpec from a method name or {name: NAME, KEY: VALUE, ...} (keys checked against NAME's params)."""
+    if isinstance(value, MethodSpec):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a method name or a mapping with its name and keys, got {value!r}")
+    keys = dict(value)
+    name = keys.pop("name", MethodSpec.name)
+    method = _method(name, where)
+    known = _hints(method.params)
+    for key in keys:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key for method {name!r} (known: {', '.join(sorted(known)) or 'none'})")
+    params = _build(method.params, keys, where)
+    method.check(params, where)
+    return MethodSpec(name, params)
 
 
 def _build(cls, data: Any, where: str):
@@ -206,6 +245,8 @@ def _build(cls, data: Any, where: str):
     hints = _hints(cls)
     kwargs = {}
     for key, value in data.items():
+        if cls is RunConfig and key == "mox":
+            raise ConfigError(f"{where}.mox: {MOX_MOVED}")
         if key not in hints:
             known = ", ".join(sorted(hints))
             raise ConfigError(f"{where}.{key}: unknown key (known: {known})")
@@ -220,6 +261,8 @@ def _validate(cfg, where: str) -> None:
     if isinstance(cfg, DataSpec):
         if cfg.benchmark not in ("synthetic", "tofu", "muse"):
             raise ConfigError(f"{where}.benchmark: expected synthetic|tofu|muse, got {cfg.benchmark!r}")
+        if cfg.corpus not in ("news", "books"):
+            raise ConfigError(f"{where}.corpus: expected news|books (the MUSE corpus), got {cfg.corpus!r}")
         if not cfg.buckets or list(cfg.buckets) != sorted(cfg.buckets) or cfg.buckets[-1] != cfg.max_len:
             raise ConfigError(f"{where}.buckets: must be increasing and end at max_len={cfg.max_len}, got {list(cfg.buckets)}")
     if isinstance(cfg, TrainSpec):
@@ -237,17 +280,6 @@ def _validate(cfg, where: str) -> None:
                 raise ConfigError(f"{where}.{name}: must be a positive size or -1, got {v}")
         if [cfg.data, cfg.fsdp, cfg.tensor].count(-1) > 1:
             raise ConfigError(f"{where}: at most one mesh axis may be -1")
-    if isinstance(cfg, MoxSpec):
-        if not 0.0 <= cfg.eta <= 1.0:
-            raise ConfigError(f"{where}.eta: must be in [0, 1], got {cfg.eta}")
-        if cfg.momentum_every < 0:
-            raise ConfigError(f"{where}.momentum_every: must be >= 0, got {cfg.momentum_every}")
-        if not cfg.beta > 0:  # the NPO losses divide by beta
-            raise ConfigError(f"{where}.beta: must be > 0, got {cfg.beta}")
-        if not cfg.alpha > 0:
-            raise ConfigError(f"{where}.alpha: must be > 0, got {cfg.alpha}")
-        if not cfg.alphas or not all(a > 0 for a in cfg.alphas):
-            raise ConfigError(f"{where}.alphas: must be a non-empty list of values > 0, got {list(cfg.alphas)}")
     if isinstance(cfg, CheckpointSpec):
         if cfg.keep < 1 or cfg.save_every < 1:
             raise ConfigError(f"{where}: keep and save_every must be >= 1")
@@ -265,6 +297,8 @@ def to_dict(cfg) -> dict:
     """Plain nested dict (lists instead of tuples) of a config dataclass."""
 
     def plain(v):
+        if isinstance(v, MethodSpec):
+            return {"name": v.name, **plain(v.params)}
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (tuple, list)):
@@ -294,6 +328,11 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
     data = to_dict(cfg)
     for text in overrides:
         path, value = parse_override(text)
+        if path[0] == "mox":
+            raise ConfigError(f"override {text!r}: {MOX_MOVED}; here: method.{'.'.join(path[1:])}")
+        if path[0] == "method" and len(path) > 1:
+            _override_method(data, path, value, text)
+            continue
         node, cls = data, RunConfig
         for i, part in enumerate(path):
             hints = _hints(cls)
@@ -316,6 +355,16 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
         raise ConfigError(f"after overrides {list(overrides)}: {e}") from None
 
 
+def _override_method(data: dict, path: list[str], value: Any, text: str) -> None:
+    """method.KEY=VALUE: set one key (validated with the whole section later); method.name=N resets to N's defaults."""
+    if len(path) != 2:
+        raise ConfigError(f"override {text!r}: method keys are one level deep (method.KEY=VALUE)")
+    if path[1] == "name":
+        data["method"] = to_dict(_build_method(value if isinstance(value, str) else {"name": value}, "method"))
+    else:
+        data["method"][path[1]] = value
+
+
 def read_yaml(path: pathlib.Path, error: type[Exception] = ConfigError) -> Any:
     """Parse a YAML file; a syntax error raises `error` in one line naming the file and the YAML position."""
     try:
@@ -331,7 +380,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | t
     else:
         p = pathlib.Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}")
         cfg = from_dict(read_yaml(p), where=str(p))
     return apply_overrides(cfg, overrides)
 

@@ -37,7 +37,7 @@ DEMO = {
     "unlearn": {
         "data": _DATA,
         "train": {"lr": 1e-3, "epochs": 10, "batch_size": 8, "weight_decay": 0.01, "warmup_epochs": 1.0, "seed": 0},
-        "mox": {"objective": "mox", "retain_weight": 1.0, "alpha": 4.0},
+        "method": {"name": "mox", "objective": "mox", "retain_weight": 1.0, "alpha": 4.0},
         "checkpoint": {"save_every": 100, "keep": 1},
     },
 }
@@ -58,7 +58,7 @@ def demo_configs(fast: bool = False) -> dict:
 def split_nll(setup, params, tokenizer, cfg, rows: list[dict]) -> np.ndarray:
     """Per-sample mean answer NLL of `rows` under `params` (teacher forcing, jaxunlearn.ops)."""
     from jaxunlearn.data import collate
-    from jaxunlearn.runner import encode
+    from jaxunlearn.rundir import encode
 
     examples = encode(tokenizer, cfg, rows)
     score = _scorer(setup)
@@ -86,14 +86,14 @@ def _scorer(setup):
 
 def before_after(out: pathlib.Path, cfg, bench, tokenizer) -> dict[str, dict[str, tuple[float, float]]]:
     """{model: {split: (mean NLL, mean P(a|q))}} for the reference and the forget model."""
-    from jaxunlearn.runner import load_run_params
+    from jaxunlearn.rundir import load_run_params
 
     run = out / "unlearn"
     splits = {"forget": bench.forget, "retain": bench.retain_perturbed, "holdout": bench.holdout}
     table = {}
     setup, ref, _ = load_run_params(run, "reference")
-    _, forget, _ = load_run_params(run, "forget", alpha=cfg.mox.alpha, mesh=setup.mesh)
-    for name, params in (("reference", ref), (f"forget (alpha={cfg.mox.alpha:g})", forget)):
+    _, forget, _ = load_run_params(run, "forget", alpha=cfg.method.params.alpha, mesh=setup.mesh)
+    for name, params in (("reference", ref), (f"forget (alpha={cfg.method.params.alpha:g})", forget)):
         table[name] = {}
         for split, rows in splits.items():
             nll = split_nll(setup, params, tokenizer, cfg, rows)
@@ -108,16 +108,16 @@ def tofu_style(out: pathlib.Path, cfg, bench, tokenizer, max_new_tokens: int = 2
     from jaxunlearn.data import prompt_format_for
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.evals.tofu import evaluate_tofu
-    from jaxunlearn.runner import load_run_params
+    from jaxunlearn.rundir import load_run_params
 
     run = out / "unlearn"
     setup, ref, _ = load_run_params(run, "reference")
-    _, forget, _ = load_run_params(run, "forget", alpha=cfg.mox.alpha, mesh=setup.mesh)
+    _, forget, _ = load_run_params(run, "forget", alpha=cfg.method.params.alpha, mesh=setup.mesh)
     fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
     ev = Evaluator.create(setup.graphdef, ref, setup.model_cfg, tokenizer, fmt, mesh=setup.mesh, batch_size=EVAL_BATCH,
                           buckets=(max(cfg.data.buckets),), max_len=max(cfg.data.buckets))
     table = {}
-    for name, params in (("reference", ref), (f"forget (alpha={cfg.mox.alpha:g})", forget)):
+    for name, params in (("reference", ref), (f"forget (alpha={cfg.method.params.alpha:g})", forget)):
         summary, _ = evaluate_tofu(ev.with_params(params), bench, max_new_tokens=max_new_tokens, with_mia=False)
         table[name] = {
             "forget P": summary["forget"]["prob"],
@@ -149,7 +149,7 @@ def format_table(table: dict) -> str:
 
 def run_demo(out: str | pathlib.Path, fast: bool = False, tofu: bool = True, log=print) -> dict:
     """Fine-tune, unlearn, extrapolate and evaluate; returns the before/after table."""
-    from jaxunlearn import runner
+    from jaxunlearn import rundir, runner
 
     out = pathlib.Path(out)
     cfgs = demo_configs(fast)
@@ -158,13 +158,13 @@ def run_demo(out: str | pathlib.Path, fast: bool = False, tofu: bool = True, log
     runner.finetune(cfgs["finetune"], out / "reference", split="full")
     log(f"      done in {time.time() - t0:.0f}s")
     t1 = time.time()
-    log(f"[2/3] MOX: memorise the forget set, extrapolate alpha={cfgs['unlearn'].mox.alpha:g} -> {out / 'unlearn'}")
+    log(f"[2/3] MOX: memorise the forget set, extrapolate alpha={cfgs['unlearn'].method.params.alpha:g} -> {out / 'unlearn'}")
     runner.unlearn(cfgs["unlearn"], out / "unlearn", reference=str(out / "reference"))
     log(f"      done in {time.time() - t1:.0f}s")
     log("[3/3] evaluating (mean answer NLL and P(a|q) = exp(-NLL), per split)")
     cfg = cfgs["unlearn"]
-    bench = runner.load_benchmark(cfg.data)
-    tokenizer = runner.load_tokenizer(cfg, bench)
+    bench = rundir.load_benchmark(cfg.data)
+    tokenizer = rundir.load_tokenizer(cfg, bench)
     table = before_after(out, cfg, bench, tokenizer)
     log("")
     log(format_table(table))
@@ -192,14 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="shorter training (for tests)")
     p.add_argument("--no-tofu", action="store_true", help="skip the TOFU-style metrics (generation)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from jaxunlearn.runner import _cli
+    from jaxunlearn.errors import RunError
 
-    def body():
-        table = run_demo(a.out, a.fast, tofu=not a.no_tofu)
-        ok, d_forget, d_retain = forgot_more_than_lost(table)
-        print(f"forget NLL +{d_forget:.3f} vs retain NLL {d_retain:+.3f}: " + ("OK" if ok else "NOT forgetting"))
-        if not ok and not a.fast:
-            raise ValueError(f"the forget model did not forget more than it lost on retain "
-                             f"(forget NLL {d_forget:+.3f}, retain NLL {d_retain:+.3f})")
-
-    return _cli("demo", body)
+    table = run_demo(a.out, a.fast, tofu=not a.no_tofu)
+    ok, d_forget, d_retain = forgot_more_than_lost(table)
+    print(f"forget NLL +{d_forget:.3f} vs retain NLL {d_retain:+.3f}: " + ("OK" if ok else "NOT forgetting"))
+    if not ok and not a.fast:
+        raise RunError(f"the forget model did not forget more than it lost on retain "
+                       f"(forget NLL {d_forget:+.3f}, retain NLL {d_retain:+.3f})")
+    return 0

@@ -26,11 +26,13 @@ from typing import Callable, Iterable, Iterator
 import jax
 import jax.numpy as jnp
 
+from jaxunlearn.errors import JaxunlearnError
+
 Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 RULES: dict[str, Rule] = {}
 
 
-class UnknownRuleError(ValueError):
+class UnknownRuleError(JaxunlearnError, ValueError):
     """No extrapolation rule of that name."""
 
 

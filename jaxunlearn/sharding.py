@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxunlearn.errors import JaxunlearnError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -41,7 +43,7 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(JaxunlearnError, ValueError):
     """The requested mesh shape does not fit the available devices."""
 
 
@@ -136,4 +138,4 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size")
     """Raise a clear error when a global batch cannot be split evenly over the mesh."""
     n = batch_shards(mesh)
     if batch_size % n:
-        raise ValueError(f"{what}={batch_size} is not divisible by data*fsdp={n} of the mesh {dict(mesh.shape)}")
+        raise MeshError(f"{what}={batch_size} is not divisible by data*fsdp={n} of the mesh {dict(mesh.shape)}")

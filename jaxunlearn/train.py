@@ -37,10 +37,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jaxunlearn.errors import JaxunlearnError
 from jaxunlearn.sharding import batch_sharding, replicated
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(JaxunlearnError, FloatingPointError):
     """A step produced a non-finite loss or gradient; `.state` is the last good TrainState."""
 
     def __init__(self, message: str, state: "TrainState | None" = None, metrics: dict | None = None):

@@ -90,11 +90,11 @@ def test_corrupt_parquet_and_unknown_split(tmp_path):
 
 
 def test_data_command_reports_one_line(tmp_path, tofu_dir, capsys):
-    from jaxunlearn.data.cli import main
+    from jaxunlearn.cli import main
 
-    assert main(["tofu", "--forget-split", "forget01", "--source", str(tofu_dir)]) == 0
+    assert main(["data", "tofu", "--forget-split", "forget01", "--source", str(tofu_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["forget"] == 40
     _write(tmp_path, "forget01.jsonl", [json.dumps(GOOD), "{"])
-    assert main(["tofu", "--forget-split", "forget01", "--source", str(tmp_path)]) == 2
+    assert main(["data", "tofu", "--forget-split", "forget01", "--source", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "forget01.jsonl line 2: malformed JSON" in err and "Traceback" not in err

@@ -20,7 +20,7 @@ def test_demo_yaml_mirrors_builtin_settings():
 def test_paper_configs_load():
     for name in ("tofu_phi15_mox", "tofu_llama2_mox", "muse_news_mox"):
         cfg = load_config(CONFIGS / f"{name}.yaml")
-        assert cfg.mox.alpha == 4.0 and cfg.train.lr == 1e-5 and cfg.train.epochs == 10
+        assert cfg.method.name == "mox" and cfg.method.params.alpha == 4.0 and cfg.train.lr == 1e-5 and cfg.train.epochs == 10
         assert cfg.train.weight_decay == 0.01 and cfg.train.batch_size == 32
 
 

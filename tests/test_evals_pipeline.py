@@ -11,6 +11,7 @@ from scipy import stats
 
 from jaxunlearn import checkpoint as ck
 from jaxunlearn.data import MuseBenchmark, prompt_format_for, synthetic_benchmark, synthetic_tokenizer
+from jaxunlearn import cli as main_cli
 from jaxunlearn.evals import cli, report
 from jaxunlearn.evals import metrics as M
 from jaxunlearn.evals.evaluator import Evaluator
@@ -256,7 +257,7 @@ def test_write_reports_names_only_what_it_wrote(tmp_path, capsys):
 def _fake_run(tmp_path, model, n_entities):
     """A run directory with a reference and two forget models (no training: the layout is what matters)."""
     from jaxunlearn.config import RunConfig, to_dict
-    from jaxunlearn.runner import reference_meta, model_setup
+    from jaxunlearn.rundir import reference_meta, model_setup
 
     run = tmp_path / "run"
     cfg = RunConfig()
@@ -274,7 +275,7 @@ def _fake_run(tmp_path, model, n_entities):
 
 
 def test_cli_on_run_directory_sweep(tmp_path, capsys):
-    from jaxunlearn.runner import load_benchmark, load_tokenizer
+    from jaxunlearn.rundir import load_benchmark, load_tokenizer
     from jaxunlearn.config import RunConfig
 
     cfg = RunConfig()
@@ -283,7 +284,7 @@ def test_cli_on_run_directory_sweep(tmp_path, capsys):
     mcfg = ModelConfig.preset("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     run = _fake_run(tmp_path, init_model(mcfg, seed=1), 5)
-    rc = cli.main([str(run), "--which", "forget", "sweep", "--alpha", "2", "--max-new-tokens", "4", "--max-len", "64",
+    rc = main_cli.main(["eval", str(run), "--which", "forget", "sweep", "--alpha", "2", "--max-new-tokens", "4", "--max-len", "64",
                    "--batch-size", "8", "--no-mia", "--mesh-data", "1"])
     assert rc == 0, capsys.readouterr().err
     out = run / "eval"
@@ -298,11 +299,11 @@ def test_cli_on_run_directory_sweep(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert cli.main([str(tmp_path / "missing")]) == 1
+    assert main_cli.main(["eval", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such run directory" in err[0]
     (tmp_path / "empty").mkdir()
-    assert cli.main([str(tmp_path / "empty")]) == 1
+    assert main_cli.main(["eval", str(tmp_path / "empty")]) == 1
     assert "neither a run directory" in capsys.readouterr().err
 
 
@@ -333,7 +334,7 @@ def test_cli_on_hf_folder(tmp_path, capsys):
     export_hf(init_model(cfg, seed=2), folder)
     tok.save_pretrained(folder)
     out = tmp_path / "out"
-    rc = cli.main([str(folder), "--benchmark", "synthetic", "--synthetic-entities", "5", "--max-new-tokens", "4",
+    rc = main_cli.main(["eval", str(folder), "--benchmark", "synthetic", "--synthetic-entities", "5", "--max-new-tokens", "4",
                    "--max-len", "64", "--batch-size", "8", "--mesh-data", "1", "--no-mia", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     s = json.loads((out / "hf.summary.json").read_text())
@@ -352,7 +353,7 @@ def test_cli_hf_folder_tokenizer_larger_than_vocab_is_an_error(tmp_path, capsys)
     folder = tmp_path / "hf"
     export_hf(init_model(ModelConfig.preset("tiny-llama", vocab_size=len(tok) // 2), seed=2), folder)
     tok.save_pretrained(folder)
-    rc = cli.main([str(folder), "--benchmark", "synthetic", "--synthetic-entities", "5", "--max-new-tokens", "2",
+    rc = main_cli.main(["eval", str(folder), "--benchmark", "synthetic", "--synthetic-entities", "5", "--max-new-tokens", "2",
                    "--max-len", "64", "--batch-size", "8", "--mesh-data", "1", "--no-mia", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 1 and "vocab_size" in err and len(err.strip().splitlines()) == 1

@@ -20,13 +20,14 @@ import pytest
 import yaml
 
 from jaxunlearn import checkpoint as ck
-from jaxunlearn import runner
+from jaxunlearn import cli, runner
+from jaxunlearn.config import from_dict
 
 # tiny but real: 8-device data-parallel mesh, momentum on; 12 steps, a checkpoint every 3
 TINY = {
     "data": {"synthetic_entities": 6, "max_len": 64, "buckets": [64]},
     "train": {"batch_size": 8, "epochs": 3, "lr": 1e-3},
-    "mox": {"alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
+    "method": {"name": "mox", "alpha": 4.0, "momentum": True, "eta": 0.5, "momentum_every": 2},
     "checkpoint": {"save_every": 3, "keep": 2},
 }
 TOTAL_STEPS = 12
@@ -110,7 +111,7 @@ def test_killed_run_resumes_bitwise(runs):
     assert [r["step"] for r in resumes] == [killed_at]
     assert ck.reference_hash(clean) == ck.reference_hash(killed)
     _assert_bitwise(_params(killed, "memorized")[0], _params(clean, "memorized")[0])
-    for eta in (None, TINY["mox"]["eta"]):  # plain and momentum forget models
+    for eta in (None, TINY["method"]["eta"]):  # plain and momentum forget models
         (got, meta), (want, want_meta) = _params(killed, "forget", eta=eta), _params(clean, "forget", eta=eta)
         _assert_bitwise(got, want)
         assert meta["hash"] == want_meta["hash"] and meta["source_step"] == TOTAL_STEPS
@@ -123,7 +124,7 @@ def test_rerun_of_finished_run_changes_nothing(runs, work, capsys):
     clean = runs[0]
     before = _snapshot(clean / ck.FORGET_DIR)
     # checkpointing settings may change on a rerun: they do not change the result
-    assert runner.unlearn_main([str(work / "tiny.yaml"), "checkpoint.keep=5", "--run", str(clean)]) == 0
+    assert cli.main(["unlearn", str(work / "tiny.yaml"), "checkpoint.keep=5", "--run", str(clean)]) == 0
     assert _snapshot(clean / ck.FORGET_DIR) == before
 
 
@@ -137,8 +138,8 @@ def test_reference_hash_mismatch_stops_and_loses_nothing(runs, work, capsys):
     saver.save(ck.reference_path(run) / ck.PARAMS_DIR, params)
     saver.wait_until_finished()
     before = _snapshot(run)
-    assert runner.unlearn_main([str(work / "tiny.yaml"), "--run", str(run)]) == 1
-    assert runner.extrapolate_main(["--run", str(run), "--alpha", "2"]) == 1
+    assert cli.main(["unlearn", str(work / "tiny.yaml"), "--run", str(run)]) == 1
+    assert cli.main(["extrapolate", "--run", str(run), "--alpha", "2"]) == 1
     err = _last_err(capsys)
     assert len(err) == 2 and all("content hash" in line for line in err), err
     assert _snapshot(run) == before
@@ -147,7 +148,7 @@ def test_reference_hash_mismatch_stops_and_loses_nothing(runs, work, capsys):
 def test_non_finite_step_stops_and_keeps_last_good_checkpoint(work, capsys):
     run = work / "nonfinite"
     argv = [str(work / "tiny.yaml"), "train.lr=1e30", "checkpoint.save_every=1", "--run", str(run)]
-    assert runner.unlearn_main(argv) == 1
+    assert cli.main(["unlearn", *argv]) == 1
     err = _last_err(capsys)
     assert len(err) == 1 and "non-finite" in err[0], err
     steps = _steps(run)
@@ -159,11 +160,11 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(work, capsys):
 def test_config_errors_are_one_line(runs, work, capsys):
     clean = runs[0]
     before = _snapshot(clean)
-    assert runner.unlearn_main([str(work / "tiny.yaml"), "train.lr=0.5", "--run", str(clean)]) == 1
-    assert runner.unlearn_main([str(work / "tiny.yaml"), "train.nope=1", "--run", str(work / "x")]) == 1
-    assert runner.extrapolate_main(["--run", str(work / "missing"), "--alpha", "2"]) == 1
-    assert runner.unlearn_main([str(work / "nope.yaml"), "--run", str(work / "y")]) == 1
-    assert runner.finetune_main([str(work / "tiny.yaml"), "--split", "nope", "--run", str(work / "z")]) == 1
+    assert cli.main(["unlearn", str(work / "tiny.yaml"), "train.lr=0.5", "--run", str(clean)]) == 1
+    assert cli.main(["unlearn", str(work / "tiny.yaml"), "train.nope=1", "--run", str(work / "x")]) == 1
+    assert cli.main(["extrapolate", "--run", str(work / "missing"), "--alpha", "2"]) == 1
+    assert cli.main(["unlearn", str(work / "nope.yaml"), "--run", str(work / "y")]) == 1
+    assert cli.main(["finetune", str(work / "tiny.yaml"), "--split", "nope", "--run", str(work / "z")]) == 1
     err = _last_err(capsys)
     assert len(err) == 5 and "--split 'nope'" in err[4]
     assert not (work / "z").exists()
@@ -176,7 +177,7 @@ def test_extrapolate_and_export_hf(runs, work):
     from jaxunlearn.models import hf, split_params
 
     clean = runs[0]
-    assert runner.extrapolate_main(["--run", str(clean), "--alpha", "2", "0.5"]) == 0
+    assert cli.main(["extrapolate", "--run", str(clean), "--alpha", "2", "0.5"]) == 0
     ref, _ = _params(clean, "reference")
     mem, position = _params(clean, "memorized")
     for alpha in (2.0, 0.5):
@@ -185,7 +186,7 @@ def test_extrapolate_and_export_hf(runs, work):
         for r, m, f in zip(jax.tree.leaves(ref), jax.tree.leaves(mem), jax.tree.leaves(forget)):
             np.testing.assert_allclose(f, r + alpha * (r - m), rtol=1e-6, atol=1e-7)
     out = work / "hf"
-    assert runner.export_hf_main(["--run", str(clean), "--which", "forget", "--alpha", "2", "--out", str(out)]) == 0
+    assert cli.main(["export-hf", "--run", str(clean), "--which", "forget", "--alpha", "2", "--out", str(out)]) == 0
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     _, loaded = split_params(hf.load_hf(out))
     _assert_bitwise(jax.device_get(loaded), _params(clean, "forget", alpha=2.0)[0])
@@ -200,7 +201,7 @@ def test_unknown_extrapolation_rule_fails_before_training(tmp_path, monkeypatch)
         raise _Stop("training started")
 
     monkeypatch.setattr(runner, "train_stage", train_stage)
-    cfg = runner.from_dict(dict(TINY, mox=dict(TINY["mox"], rule="bogus")))
+    cfg = from_dict(dict(TINY, method=dict(TINY["method"], rule="bogus")))
     with pytest.raises(ValueError, match="unknown extrapolation rule 'bogus'"):
         runner.unlearn(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -209,7 +210,7 @@ def test_unknown_extrapolation_rule_fails_before_training(tmp_path, monkeypatch)
 def test_rerun_without_reference_keeps_the_recorded_tokenizer(tmp_path, monkeypatch):
     from jaxunlearn.data import synthetic_benchmark, synthetic_tokenizer
 
-    cfg = runner.from_dict(TINY)
+    cfg = from_dict(TINY)
     recorded = synthetic_tokenizer(synthetic_benchmark(seed=1, n_entities=5))
     own = synthetic_tokenizer(runner.load_benchmark(cfg.data))
     assert recorded.get_vocab() != own.get_vocab()
@@ -233,7 +234,7 @@ def test_rerun_without_reference_keeps_the_recorded_tokenizer(tmp_path, monkeypa
 def test_raw_texts_are_chunked_like_the_muse_evaluation():
     from jaxunlearn.data import encode_texts, synthetic_tokenizer
 
-    cfg = runner.from_dict(TINY)
+    cfg = from_dict(TINY)
     tok = synthetic_tokenizer(runner.load_benchmark(cfg.data))
     texts = [" ".join(["the author wrote a novel about the sea"] * 20), "Short."]
     assert runner.encode(tok, cfg, texts) == encode_texts(tok, texts, cfg.data.max_len)
@@ -246,7 +247,7 @@ def test_momentum_that_would_never_update_is_refused_before_training(tmp_path, m
         raise _Stop("training started")
 
     monkeypatch.setattr(train, "train_loop", train_loop)
-    cfg = runner.from_dict(dict(TINY, mox=dict(TINY["mox"], momentum_every=TOTAL_STEPS + 1)))
+    cfg = from_dict(dict(TINY, method=dict(TINY["method"], momentum_every=TOTAL_STEPS + 1)))
     with pytest.raises(ValueError, match="momentum_every.*no momentum update"):
         runner.unlearn(cfg, tmp_path / "run")
     assert _steps(tmp_path / "run") == []

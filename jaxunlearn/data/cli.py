@@ -4,7 +4,7 @@
   jaxunlearn data muse [--corpus news|books] [--source DIR|hf://ID]
   jaxunlearn data synthetic [--seed 0] [--n-entities 40] [--n-forget 4]
 
-Bad data is reported as one line on stderr (exit status 2).
+Bad data raises a DataError (one line on stderr and exit status 1 through jaxunlearn.cli).
 """
 
 from __future__ import annotations
@@ -46,11 +46,7 @@ def sizes(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        print(json.dumps(sizes(args)))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"jaxunlearn data: {err}", file=sys.stderr)
-        return 2
+    print(json.dumps(sizes(args)))
     return 0
 
 

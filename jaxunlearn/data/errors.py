@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from jaxunlearn.errors import JaxunlearnError
 
-class DataError(ValueError):
+
+class DataError(JaxunlearnError, ValueError):
     """Bad benchmark data: unreadable file, malformed row, missing or empty field, empty split."""
 
 

@@ -24,13 +24,16 @@ import pathlib
 import sys
 from typing import Any
 
+from jaxunlearn.evals.tofu import EvalError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxunlearn eval", description="evaluate a run directory or an HF folder")
     p.add_argument("target", help="run directory (with config.yaml) or Hugging Face model folder")
-    p.add_argument("--which", nargs="+", default=["forget"],
-                   help="for a run: any of reference, memorized, forget, sweep (every alpha in RUN/forget)")
-    p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's mox.alpha)")
+    p.add_argument("--which", nargs="+", default=["result"],
+                   help="for a run: any of result (the method's result model, default), reference, trained "
+                        "(memorized), forget, sweep (every alpha in RUN/forget)")
+    p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's method.alpha)")
     p.add_argument("--step", type=int, help="for --which memorized: the step (default: latest)")
     p.add_argument("--benchmark", choices=["tofu", "synthetic", "muse"], help="for an HF folder (default tofu)")
     p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the hub")
@@ -94,7 +97,7 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
 
     folder = pathlib.Path(args.target)
     if args.out is None:
-        raise ValueError("--out is required when evaluating a Hugging Face folder")
+        raise EvalError("--out is required when evaluating a Hugging Face folder")
     args.benchmark = args.benchmark or "tofu"
     if args.benchmark == "tofu":
         bench = data.tofu_benchmark(args.forget_split, source=args.data_source)
@@ -107,13 +110,13 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
         tok = data.synthetic_tokenizer(bench)
     else:
         if not tok_dir.is_dir():
-            raise FileNotFoundError(f"tokenizer folder not found: {tok_dir}")
+            raise EvalError(f"tokenizer folder not found: {tok_dir}")
         tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = load_hf(folder)
     if len(tok) > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is "
+        raise EvalError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}; pass the model's own tokenizer (--tokenizer)")
     graphdef, params = split_params(model)
     fmt = data.prompt_format_for(tok, args.prompt_format)
@@ -132,21 +135,23 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
 
     out: list[tuple[str, dict]] = []
     for which in args.which:
-        if which == "reference":
+        if which == "result":
+            out.append((cfg.method.name, {"which": "result"}))
+        elif which == "reference":
             out.append(("reference", {"which": "reference"}))
-        elif which == "memorized":
-            out.append(("memorized", {"which": "memorized", "step": args.step}))
+        elif which in ("trained", "memorized"):
+            out.append((which, {"which": which, "step": args.step}))
         elif which == "forget":
-            for a in args.alpha or [cfg.mox.alpha]:
+            for a in args.alpha or [cfg.method.params.alpha]:
                 out.append((ck.forget_name(float(a)), {"which": "forget", "alpha": a}))
         elif which == "sweep":
             metas = ck.list_forget(run)
             if not metas:
-                raise FileNotFoundError(f"{run / ck.FORGET_DIR}: no forget models to sweep")
+                raise EvalError(f"{run / ck.FORGET_DIR}: no forget models to sweep")
             for m in metas:
                 out.append((pathlib.Path(m["path"]).name, {"which": "forget", "alpha": m["alpha"], "eta": m.get("eta")}))
         else:
-            raise ValueError(f"--which {which!r}: expected reference, memorized, forget or sweep")
+            raise EvalError(f"--which {which!r}: expected result, reference, trained, memorized, forget or sweep")
     first: dict[str, dict] = {}
     for label, kw in out:
         first.setdefault(label, kw)
@@ -155,21 +160,21 @@ def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
 
 def _run_target(args) -> list[tuple[str, str, dict]]:
     from jaxunlearn import checkpoint as ck
-    from jaxunlearn import data, runner
+    from jaxunlearn import data, rundir
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.sharding import batch_shards, batch_sharding, make_mesh
 
     run = pathlib.Path(args.target)
-    cfg, _ = runner.run_setup(run)
+    cfg, _ = rundir.run_setup(run)
     args.out = args.out or str(run / "eval")
     args.benchmark = args.benchmark or cfg.data.benchmark
-    bench = runner.load_benchmark(cfg.data)
-    tok = runner.run_tokenizer(run)
+    bench = rundir.load_benchmark(cfg.data)
+    tok = rundir.run_tokenizer(run)
     fmt = data.prompt_format_for(tok, args.prompt_format or cfg.data.prompt_format)
     mesh = make_mesh(data=args.mesh_data)
     results, ev = [], None
     for label, kw in _run_models(run, args, cfg):
-        setup, params, _ = runner.load_run_params(run, mesh=mesh, **kw)
+        setup, params, _ = rundir.load_run_params(run, mesh=mesh, **kw)
         if ev is None:
             shards = batch_shards(mesh)
             ev = Evaluator(setup.graphdef, params, setup.model_cfg, tok, fmt,
@@ -177,9 +182,9 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
                            max_len=args.max_len, param_shardings=setup.shardings, batch_sharding=batch_sharding(mesh))
         else:
             ev = ev.with_params(params)
-        info = {"dir": str(run), "method": cfg.method, **{k: v for k, v in kw.items() if v is not None}}
+        info = {"dir": str(run), "method": cfg.method.name, **{k: v for k, v in kw.items() if v is not None}}
         summary = _evaluate(ev, bench, args, label, {"run": info})
-        results.append((label, cfg.method, summary))
+        results.append((label, cfg.method.name, summary))
     from jaxunlearn.evals.report import plot_training
 
     plot_training(ck.read_metrics(run), pathlib.Path(args.out) / "training.png")
@@ -206,24 +211,19 @@ def write_reports(out: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        target = pathlib.Path(args.target)
-        if (target / "config.yaml").is_file():
-            results = _run_target(args)
-        elif (target / "config.json").is_file():
-            results = _hf_target(args)
-        elif not target.exists():
-            raise FileNotFoundError(f"{target}: no such run directory or model folder")
-        else:
-            raise FileNotFoundError(f"{target}: neither a run directory (config.yaml) nor an HF folder (config.json)")
-        write_reports(pathlib.Path(args.out))
-        for label, _, s in results:
-            print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in _headline(s).items()))
-        return 0
-    except (ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"jaxunlearn eval: error: {msg}", file=sys.stderr)
-        return 1
+    target = pathlib.Path(args.target)
+    if (target / "config.yaml").is_file():
+        results = _run_target(args)
+    elif (target / "config.json").is_file():
+        results = _hf_target(args)
+    elif not target.exists():
+        raise EvalError(f"{target}: no such run directory or model folder")
+    else:
+        raise EvalError(f"{target}: neither a run directory (config.yaml) nor an HF folder (config.json)")
+    write_reports(pathlib.Path(args.out))
+    for label, _, s in results:
+        print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in _headline(s).items()))
+    return 0
 
 
 def _headline(s: dict) -> dict[str, float]:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxunlearn.errors import JaxunlearnError
 from jaxunlearn.evals import metrics as M
 from jaxunlearn.evals import mia
 from jaxunlearn.evals.scoring import SampleScore
@@ -36,7 +37,7 @@ EXTRA_SPLITS = ("real_authors", "world_facts")
 TOFU_MAX_NEW_TOKENS = 200
 
 
-class EvalError(ValueError):
+class EvalError(JaxunlearnError, ValueError):
     """Bad evaluation input (a row without perturbed answers, an unreadable results file, ...)."""
 
 

@@ -22,8 +22,10 @@ import json
 import pathlib
 from typing import Any
 
+from jaxunlearn.errors import JaxunlearnError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(JaxunlearnError, ValueError):
     """A model configuration is malformed or uses something this package does not implement."""
 
 

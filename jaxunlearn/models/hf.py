@@ -26,6 +26,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxunlearn.errors import JaxunlearnError
 from jaxunlearn.models.config import ModelConfig
 from jaxunlearn.models.decoder import CausalLM, split_params
 
@@ -33,7 +34,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxunlearnError, ValueError):
     """A checkpoint folder does not match the architecture its config describes."""
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn import ops
+from jaxunlearn.errors import JaxunlearnError
 
 # fn(logits [B, C, V] f32, ref_logits [B, C, V] f32 or None, targets [B, C] int, mask [B, C] f32) -> [B, C]
 TokenFn = Callable[[jax.Array, "jax.Array | None", jax.Array, jax.Array], jax.Array]
@@ -144,7 +145,7 @@ def mean_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return masked_mean(total / jnp.maximum(count, 1.0), count > 0)
 
 
-class MissingBatchKeyError(ValueError):
+class MissingBatchKeyError(JaxunlearnError, ValueError):
     """The batch lacks a split the objective needs."""
 
 

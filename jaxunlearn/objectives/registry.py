@@ -20,11 +20,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from jaxunlearn.errors import JaxunlearnError
+
 Objective = Callable[..., tuple[Any, dict[str, Any]]]
 OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 
 
-class UnknownObjectiveError(ValueError):
+class UnknownObjectiveError(JaxunlearnError, ValueError):
     """No objective of that name, or a hyper-parameter it does not take."""
 
 

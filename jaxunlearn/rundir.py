@@ -1,0 +1,321 @@
+"""The run directory: its config, reference model and tokenizer, and loading what a run wrote.
+
+A run directory is laid out as in `jaxunlearn.checkpoint` (config.yaml, reference/, the training
+stage's checkpoints, forget/, metrics.jsonl). This module resolves and validates it and builds what
+every command needs from it: the benchmark (`load_benchmark`), the tokenizer (`load_tokenizer`,
+`run_tokenizer`), the model setup on a mesh (`run_setup`), and any model a run holds
+(`load_run_params`). It does not train: evaluation and export depend on it, never on training code.
+
+A rerun whose resolved config differs from RUN/config.yaml is refused, except in keys that do not
+change the result (checkpointing, logging, run_dir; see RESULT_NEUTRAL_KEYS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+import jax
+
+from jaxunlearn import checkpoint as ck
+from jaxunlearn.config import RunConfig, from_dict, to_dict
+from jaxunlearn.errors import JaxunlearnError, RunError
+
+# config keys a rerun may change: they do not affect the parameters a run produces
+RESULT_NEUTRAL_KEYS = ("run_dir", "checkpoint.", "train.log_every")
+
+# RUN/result.json names the run's result model once training (and extrapolation) finished
+RESULT_FILE = "result.json"
+# models of a run that load_run_params / eval / export-hf can load ("memorized" = "trained")
+WHICH = ("result", "forget", "trained", "memorized", "reference")
+
+# synthetic benchmark forget splits, nested like TOFU's (forget01 in forget05 in forget10): the last
+# 1, 2 or 4 authors (4: the generator's default); the holdout stays 4 authors, so every split has the
+# same texts and hence the same tokenizer
+SYNTHETIC_FORGET = {"forget01": 1, "forget05": 2, "forget10": 4}
+SYNTHETIC_HOLDOUT = 4
+SYNTHETIC_DEFAULT_SPLIT = "forget10"
+
+
+class RunConfigMismatchError(JaxunlearnError, ValueError):
+    """A rerun's config differs from the one the run directory was started with."""
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def load_benchmark(data_spec):
+    """The UnlearnBenchmark named by a DataSpec."""
+    from jaxunlearn import data
+
+    if data_spec.benchmark == "synthetic":
+        if data_spec.forget_split not in SYNTHETIC_FORGET:
+            raise RunError(f"data.forget_split: the synthetic benchmark has {', '.join(SYNTHETIC_FORGET)}, "
+                           f"got {data_spec.forget_split!r}")
+        return data.synthetic_benchmark(seed=data_spec.synthetic_seed, n_entities=data_spec.synthetic_entities,
+                                        n_forget=SYNTHETIC_FORGET[data_spec.forget_split], n_holdout=SYNTHETIC_HOLDOUT)
+    if data_spec.benchmark == "tofu":
+        from jaxunlearn.data import tofu
+
+        return tofu.tofu_benchmark(data_spec.forget_split, source=data_spec.source)
+    if data_spec.benchmark == "muse":
+        from jaxunlearn.data import muse
+
+        return muse.muse_benchmark(data_spec.corpus, source=data_spec.source, privleak=False)
+    raise RunError(f"data.benchmark: {data_spec.benchmark!r} has no loader for training runs")
+
+
+def load_tokenizer(cfg: RunConfig, bench, fallback_folder: str | None = None):
+    """data.tokenizer, else the HF model folder's tokenizer, else `fallback_folder` (e.g. that of
+    the reference), else a BPE tokenizer built on the benchmark."""
+    folder = cfg.data.tokenizer or cfg.model.hf_folder or fallback_folder
+    if folder:
+        from transformers import AutoTokenizer
+
+        if not pathlib.Path(folder).is_dir():
+            raise ck.RunNotFoundError(f"tokenizer folder not found: {folder}")
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    else:
+        from jaxunlearn.data import synthetic_tokenizer
+
+        if cfg.data.benchmark == "synthetic":  # one tokenizer for every forget split: that of the default split
+            bench = load_benchmark(dataclasses.replace(cfg.data, forget_split=SYNTHETIC_DEFAULT_SPLIT))
+        tok = synthetic_tokenizer(bench)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def preset_model_config(cfg: RunConfig, tokenizer):
+    """ModelConfig of cfg.model.preset sized for `tokenizer`."""
+    from jaxunlearn.models import ModelConfig
+
+    return ModelConfig.preset(
+        cfg.model.preset,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    """Everything needed to place, restore and run one model shape on one mesh."""
+
+    model_cfg: Any  # models.ModelConfig
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    abstract: Any  # params as ShapeDtypeStructs carrying their shardings
+    shardings: Any
+    apply: Callable
+
+
+def model_setup(model_cfg, cfg: RunConfig, mesh=None) -> ModelSetup:
+    from flax import nnx
+
+    from jaxunlearn.models import init_model, make_apply, param_logical_axes, split_params
+    from jaxunlearn.sharding import make_mesh, param_shardings
+
+    if mesh is None:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    model = nnx.eval_shape(lambda: init_model(model_cfg, 0, cfg.model.dtype, cfg.model.param_dtype))
+    graphdef, abstract = split_params(model)
+    shardings = param_shardings(param_logical_axes(abstract), mesh, abstract)
+    return ModelSetup(model_cfg, mesh, graphdef, ck.abstract_tree(abstract, shardings), shardings, make_apply(graphdef))
+
+
+def initial_params(cfg: RunConfig, tokenizer, mesh=None) -> tuple[ModelSetup, Any, dict]:
+    """Starting parameters from cfg.model (HF folder or preset init), placed on the mesh."""
+    from jaxunlearn.models import init_model, split_params
+
+    if cfg.model.hf_folder:
+        from jaxunlearn.models import hf
+
+        model = hf.load_hf(cfg.model.hf_folder, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        setup = model_setup(model.config, cfg, mesh)
+        params = jax.device_put(split_params(model)[1], setup.shardings)
+        return setup, params, {"hf_folder": str(cfg.model.hf_folder)}
+    model_cfg = preset_model_config(cfg, tokenizer)
+    setup = model_setup(model_cfg, cfg, mesh)
+    seed, dtype, param_dtype = cfg.model.init_seed, cfg.model.dtype, cfg.model.param_dtype
+    init = jax.jit(lambda: split_params(init_model(model_cfg, seed, dtype, param_dtype))[1], out_shardings=setup.shardings)
+    return setup, init(), {"preset": cfg.model.preset, "init_seed": seed}
+
+
+def reference_meta(setup: ModelSetup, source: dict, tokenizer=None) -> dict:
+    folder = getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None
+    # recorded absolute, so a rerun from another working directory finds it
+    folder = str(pathlib.Path(folder).absolute()) if folder and pathlib.Path(folder).is_dir() else None
+    return {"model_config": setup.model_cfg.to_hf_dict(), "source": source, "tokenizer": folder}
+
+
+def run_tokenizer(run: str | pathlib.Path):
+    """The tokenizer a run was trained with (its config's, else the one recorded with its reference)."""
+    run = pathlib.Path(run)
+    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
+    recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
+    return load_tokenizer(cfg, load_benchmark(cfg.data), recorded)
+
+
+def setup_from_meta(meta: dict, cfg: RunConfig, folder: pathlib.Path, mesh=None) -> ModelSetup:
+    from jaxunlearn.models import ModelConfig
+
+    if "model_config" not in meta:
+        raise ck.CheckpointError(f"{folder}/{ck.META_FILE}: no model_config recorded")
+    return model_setup(ModelConfig.from_hf_dict(meta["model_config"], source=str(folder)), cfg, mesh)
+
+
+def encode(tokenizer, cfg: RunConfig, rows: list) -> list[dict]:
+    """QA rows -> answer-scored examples; raw texts (MUSE) -> max_len chunks scored on every token
+    (data.encode_texts, the chunking the MUSE evaluation uses)."""
+    from jaxunlearn.data import encode_rows, encode_texts, prompt_format_for
+
+    if rows and isinstance(rows[0], str):
+        return encode_texts(tokenizer, rows, cfg.data.max_len)
+    fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
+    return encode_rows(tokenizer, fmt, rows, cfg.data.max_len)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def resolve_run(cfg: RunConfig, run: str | None) -> tuple[RunConfig, pathlib.Path]:
+    run = run or cfg.run_dir
+    if not run:
+        raise RunError("no run directory: pass --run DIR or set run_dir in the config")
+    return dataclasses.replace(cfg, run_dir=str(run)), pathlib.Path(run)
+
+
+def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
+    """Write RUN/config.yaml, or check that a rerun uses the same resolved config."""
+    new = to_dict(cfg)
+    if (run / ck.CONFIG_FILE).exists():
+        old = to_dict(from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE)))
+        diff = sorted(k for k in _diff_keys(old, new) if not k.startswith(RESULT_NEUTRAL_KEYS))
+        if diff:
+            raise RunConfigMismatchError(
+                f"{run / ck.CONFIG_FILE}: this command's config differs at {', '.join(diff)}; "
+                "rerun with the original settings or use a new run directory"
+            )
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    ck.write_config(run, new)
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.add(f"{prefix}{k}")
+    return out
+
+def reference_tokenizer_folder(reference: str | None) -> str | None:
+    """The tokenizer folder implied by --reference: an HF folder itself, or that of the run's config."""
+    if reference is None:
+        return None
+    path = pathlib.Path(reference)
+    if ck.has_reference(path) and (path / ck.CONFIG_FILE).exists():
+        ref_cfg = from_dict(ck.read_config(path), where=str(path / ck.CONFIG_FILE))
+        recorded = ck.read_meta(ck.reference_path(path)).get("tokenizer")
+        return ref_cfg.data.tokenizer or ref_cfg.model.hf_folder or recorded
+    if (path / "config.json").exists() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return str(path)
+    return None
+
+
+def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, tokenizer) -> tuple[ModelSetup, Any, str]:
+    """(setup, reference params, hash) for an unlearning run; writes RUN/reference the first time."""
+    given = None
+    if reference is not None:
+        ref_path = pathlib.Path(reference)
+        if ck.has_reference(ref_path):  # a run directory: its result model (a finetune run's is its reference)
+            meta = ck.read_meta(ck.reference_path(ref_path))
+            setup = setup_from_meta(meta, cfg, ck.reference_path(ref_path))
+            ref_cfg = from_dict(ck.read_config(ref_path), where=str(ref_path / ck.CONFIG_FILE))
+            which = "result" if (ref_path / RESULT_FILE).exists() else "reference"
+            params, _ = load_params(ref_path, ref_cfg, setup, which)
+            given = (setup, params, {"run": str(ref_path), "model": describe_result(ref_path) if which == "result" else which})
+        elif (ref_path / "config.json").exists():
+            given = initial_params(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_folder=str(ref_path))), tokenizer)
+        else:
+            raise ck.RunNotFoundError(f"--reference {ref_path}: neither a run with a reference nor an HF folder")
+    if ck.has_reference(run):
+        meta = ck.read_meta(ck.reference_path(run))
+        setup = setup_from_meta(meta, cfg, ck.reference_path(run))
+        params, meta = ck.load_reference(run, setup.abstract)
+        if given is not None:
+            ck.verify_reference(run, given[1])
+        return setup, params, meta["hash"]
+    setup, params, source = initial_params(cfg, tokenizer) if given is None else given
+    digest = ck.save_reference(run, params, reference_meta(setup, source, tokenizer))
+    return setup, params, digest
+
+def run_setup(run: pathlib.Path, mesh=None) -> tuple[RunConfig, ModelSetup]:
+    """The run's config and model setup (from RUN/config.yaml and RUN/reference/meta.json)."""
+    ck.require_run(run)
+    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
+    if not ck.has_reference(run):
+        raise ck.RunNotFoundError(f"{ck.reference_path(run)}: run has no complete reference checkpoint")
+    setup = setup_from_meta(ck.read_meta(ck.reference_path(run)), cfg, ck.reference_path(run), mesh)
+    return cfg, setup
+
+
+def write_result(run: pathlib.Path, method: str, model: dict) -> None:
+    """Record the run's result model: {"model": "trained", "step": S} | {"model": "forget", "alpha": A, "eta": E}
+    | {"model": "reference"}."""
+    ck.write_json(run / RESULT_FILE, {"method": method, **model})
+
+
+def read_result(run: pathlib.Path) -> dict:
+    path = pathlib.Path(run) / RESULT_FILE
+    if not path.exists():
+        raise ck.RunNotFoundError(f"{path}: the run has no result model yet (rerun its command to finish it)")
+    return ck.read_json(path)
+
+
+def describe_result(run: pathlib.Path) -> str:
+    r = read_result(run)
+    if r["model"] == "forget":
+        return ck.forget_name(float(r["alpha"]), r.get("eta"))
+    return f"trained, step {r['step']}" if r["model"] == "trained" else r["model"]
+
+
+def load_params(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, which: str, alpha: float | None = None,
+                eta: float | None = None, step: int | None = None) -> tuple[Any, dict]:
+    """(params, info) of model `which` (see WHICH) of a run whose config is cfg, placed as in setup."""
+    from jaxunlearn.methods import get_method
+
+    method = get_method(cfg.method.name)
+    if which == "result":
+        r = read_result(run)
+        which, alpha, eta, step = r["model"], r.get("alpha"), r.get("eta"), r.get("step")
+    if which == "reference":
+        return ck.load_reference(run, setup.abstract)
+    if which in ("trained", "memorized"):
+        mgr = ck.MemorizedCheckpoints(run, subdir=method.stage_dir)
+        try:
+            got = mgr.restore(setup.abstract, step=step)
+        finally:
+            mgr.close()
+        return got["params"], got["position"]
+    if which == "forget":
+        if alpha is None and method.result != "extrapolated":
+            raise RunError(f"{run}: method {method.name!r} writes no forget models (its result is the trained model)")
+        alpha = cfg.method.params.alpha if alpha is None else alpha
+        return ck.load_forget(run, alpha, setup.abstract, eta=eta)
+    raise RunError(f"--which {which!r}: expected one of {', '.join(WHICH)}")
+
+
+def load_run_params(
+    run, which: str, alpha: float | None = None, eta: float | None = None, step: int | None = None, mesh=None
+) -> tuple[ModelSetup, Any, dict]:
+    """(setup, params, info) for a model of a run (see WHICH; "result" = the method's result model), hash-verified."""
+    run = pathlib.Path(run)
+    cfg, setup = run_setup(run, mesh)
+    params, info = load_params(run, cfg, setup, which, alpha, eta, step)
+    return setup, params, info
