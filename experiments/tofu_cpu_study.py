@@ -35,8 +35,8 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from paper import common as C  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "paper"))
+import common as C  # noqa: E402
 
 FORGET, RETAIN, HOLDOUT = "forget10", "retain90", "holdout10"
 EVAL_SPLITS = ("forget10", "retain90", "holdout10", "full", "forget10_perturbed", "retain_perturbed",

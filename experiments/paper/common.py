@@ -92,9 +92,12 @@ class Runner:
 
 
 def use_compile_cache(folder: pathlib.Path) -> None:
-    """Persist XLA compilations: the many evaluations of one model shape then compile once."""
+    """Persist XLA compilations: the many evaluations of one model shape then compile once (kept when
+    a cache folder is already set, e.g. by JAX_COMPILATION_CACHE_DIR or an earlier script in this process)."""
     import jax
 
+    if jax.config.jax_compilation_cache_dir:
+        return
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -142,7 +145,7 @@ def tiny_model(work: pathlib.Path, name: str = "tiny-model", seed: int = 0) -> p
     return random_llama(work / name, synthetic_tokenizer(0, vocab_size=512), layers=2, hidden=32, heads=2, seed=seed)
 
 
-TINY_DATA = ("data.benchmark=synthetic", "data.synthetic_entities=20", "data.max_len=128", "data.buckets=[64,128]")
+TINY_DATA = ("data.benchmark=synthetic", "data.synthetic_entities=20")
 TINY_TRAIN = ("train.batch_size=8", "train.epochs=2", "train.lr=1e-3")
 
 
@@ -269,3 +272,133 @@ def write(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- the paper scripts' shared steps
+
+# name -> (prompt format, fine-tuning lr on TOFU full): the paper's settings (../shared/design/mox.md
+# "Paper setup": Phi lr 2e-5, Llama lr 1e-5, 5 epochs); Llama-3.2-1B-Instruct as open-unlearning (1e-5)
+PAPER_MODELS = {"phi15": ("qa", 2e-5), "llama2chat": ("llama2-chat", 1e-5), "llama32": ("chat", 1e-5)}
+TOFU_SPLITS = ("forget01", "forget05", "forget10")
+
+
+def paper_args(description: str, argv, **defaults):
+    """The options every paper script takes (see experiments/paper/README.md)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", action="append", default=[], metavar="NAME=HF_FOLDER",
+                   help=f"a base model (repeat); NAME in {', '.join(PAPER_MODELS)} picks the paper's prompt format and lr")
+    p.add_argument("--tofu-dir", default=os.environ.get("JAXUNLEARN_TOFU_DIR", "../shared/data/tofu"))
+    p.add_argument("--work", default=defaults.get("work", "runs/paper"), help="run directories (shared by the scripts)")
+    p.add_argument("--out", default=defaults.get("out"), help="where the table goes")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--epochs", type=int, default=10, help="unlearning epochs (the paper: 10)")
+    p.add_argument("--lr", type=float, default=1e-5, help="unlearning lr (the paper: 1e-5)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra overrides for every training command (e.g. model.dtype=bfloat16 train.grad_accum=4)")
+    p.add_argument("--tiny", action="store_true", help="random tiny model, built-in data, few steps (CI)")
+    for k, v in defaults.get("extra", {}).items():
+        p.add_argument(k, **v)
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.batch, a.max_len, a.eval_batch, a.max_new_tokens, a.epochs, a.lr = 8, 128, 16, 16, 2, 1e-3
+    elif not a.model:
+        p.error("give at least one --model NAME=HF_FOLDER (or --tiny)")
+    a.work, a.out = pathlib.Path(a.work), pathlib.Path(a.out)
+    return a
+
+
+class Paper:
+    """Reference, retain models, unlearning runs and evaluations laid out under WORK/MODEL/ so that the
+    scripts share them: WORK/MODEL/reference, WORK/MODEL/SPLIT/{retain, METHOD, eval/...}."""
+
+    def __init__(self, a):
+        self.a = a
+        use_compile_cache(a.work / "jax_cache")
+        self.run = Runner(a.out / "commands.sh")
+        if a.tiny:
+            self.models = {"tiny": (str(tiny_model(a.work)), "qa", 1e-3)}
+        else:
+            self.models = {}
+            for spec in a.model:
+                name, _, folder = spec.partition("=")
+                fmt, lr = PAPER_MODELS.get(name, (None, 1e-5))
+                self.models[name] = (folder, fmt, lr)
+
+    def data(self, model: str, split: str = "forget10") -> list[str]:
+        a, (_, fmt, _) = self.a, self.models[model]
+        buckets = sorted({min(128, a.max_len), min(256, a.max_len), a.max_len})
+        out = list(TINY_DATA) if a.tiny else ["data.benchmark=tofu", f"data.source={rel(a.tofu_dir)}"]
+        out += [f"data.forget_split={split}", f"data.max_len={a.max_len}", f"data.buckets=[{','.join(map(str, buckets))}]"]
+        return out + ([f"data.prompt_format={fmt}"] if fmt else [])
+
+    def train(self, lr: float, epochs: int) -> list[str]:
+        a = self.a
+        return [f"train.lr={lr}", f"train.epochs={epochs}", f"train.batch_size={a.batch}", "train.weight_decay=0.01",
+                "train.warmup_epochs=1", *a.set]
+
+    def eval_args(self) -> list[str]:
+        a = self.a
+        return ["--max-len", str(a.max_len), "--max-new-tokens", str(a.max_new_tokens), "--batch-size", str(a.eval_batch)]
+
+    def finetuned(self, model: str, split: str = "forget10", train_split: str = "full") -> pathlib.Path:
+        """The model fine-tuned on TOFU `full` (the reference) or on the retain split of `split`."""
+        folder, _, lr = self.models[model]
+        run = self.a.work / model / ("reference" if train_split == "full" else f"{split}/retain")
+        epochs = 2 if self.a.tiny else 5  # the paper: 5 epochs
+        self.run.finetune(run, train_split, [f"model.hf_folder={folder}", *self.data(model, split),
+                                             *self.train(lr, epochs)])
+        return run
+
+    def retain_model(self, model: str, split: str) -> tuple[pathlib.Path, dict]:
+        """The retain model's per-sample results on `split` (what forget quality compares with) and summary."""
+        run = self.finetuned(model, split, "retain")
+        out = self.a.work / model / split / "eval" / "retain"
+        summary = self.run.evaluate(run, out, "reference", "--which", "reference", *self.eval_args())
+        return out / "reference.per_sample.json", summary
+
+    def unlearn(self, model: str, split: str, method: str, extra=(), name: str | None = None,
+                reference: pathlib.Path | None = None) -> pathlib.Path:
+        """`jaxunlearn unlearn` of METHODS[method] (+ extra overrides) on `split` from the reference."""
+        run = self.a.work / model / split / (name or slug(method))
+        over = [*METHODS[method], *extra, *self.data(model, split), *self.train(self.a.lr, self.a.epochs)]
+        self.run.unlearn(run, reference or self.finetuned(model), over)
+        return run
+
+    def tofu_eval(self, run: pathlib.Path, out: pathlib.Path, label: str, retain: pathlib.Path, *which) -> dict:
+        return self.run.evaluate(run, out, label, "--which", *which, "--retain-results", retain, *self.eval_args())
+
+    def method_models(self, model: str, split: str) -> list[tuple[str, pathlib.Path, tuple[str, ...], str]]:
+        """(row, run, `--which` arguments, eval label) of every method's final model; MOX's run (with
+        momentum) gives both MOX alpha=4 (linear) and MOX momentum."""
+        out = []
+        for method in self.a.methods:
+            if method == "MOX momentum" and "MOX" in self.a.methods:
+                continue
+            run = self.unlearn(model, split, method, ("method.momentum=true",) if method == "MOX" else ())
+            if method == "MOX":
+                out.append(("MOX α=4", run, ("forget", "--alpha", "4"), "alpha_4.0"))
+                out.append(("MOX momentum", run, ("result",), "mox"))
+            else:
+                out.append((method, run, ("result",), get_method_name(run)))
+        return out
+
+    def method_summaries(self, model: str, split: str) -> dict[str, dict]:
+        """{row: summary} for the original and retain models and every method's final model."""
+        ev = self.a.work / model / split / "eval"
+        retain, retrained = self.retain_model(model, split)
+        rows = {"Original": self.tofu_eval(self.finetuned(model), ev / "reference", "reference", retain, "reference"),
+                "Retrained": retrained}
+        for row, run, which, label in self.method_models(model, split):
+            rows[row] = self.tofu_eval(run, ev / run.name, label, retain, *which)
+        return rows
+
+
+def get_method_name(run: pathlib.Path) -> str:
+    """The label `jaxunlearn eval --which result` gives a run's result model: its method name."""
+    return json.loads((run / "result.json").read_text())["method"]
