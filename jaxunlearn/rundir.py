@@ -154,7 +154,7 @@ def reference_meta(setup: ModelSetup, source: dict, tokenizer=None) -> dict:
 def run_tokenizer(run: str | pathlib.Path):
     """The tokenizer a run was trained with (its config's, else the one recorded with its reference)."""
     run = pathlib.Path(run)
-    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
+    cfg = read_run_config(run)
     recorded = ck.read_meta(ck.reference_path(run)).get("tokenizer") if ck.has_reference(run) else None
     return load_tokenizer(cfg, load_benchmark(cfg.data), recorded)
 
@@ -181,6 +181,17 @@ def encode(tokenizer, cfg: RunConfig, rows: list) -> list[dict]:
 # ----------------------------------------------------------------------------- run directory
 
 
+def read_run_config(run: str | pathlib.Path) -> RunConfig:
+    """RUN/config.yaml as a RunConfig. A config written before the method section existed (a `mox:`
+    section and `method: NAME`) is read as method {name: mox, <the mox keys>} or {name: NAME}."""
+    run = pathlib.Path(run)
+    data = ck.read_config(run)
+    if isinstance(data, dict) and "mox" in data:
+        mox, name = data.pop("mox") or {}, data.get("method", "mox")
+        data["method"] = {"name": "mox", **mox} if name == "mox" else {"name": name}
+    return from_dict(data, where=str(run / ck.CONFIG_FILE))
+
+
 def resolve_run(cfg: RunConfig, run: str | None) -> tuple[RunConfig, pathlib.Path]:
     run = run or cfg.run_dir
     if not run:
@@ -192,7 +203,7 @@ def check_or_write_config(cfg: RunConfig, run: pathlib.Path) -> None:
     """Write RUN/config.yaml, or check that a rerun uses the same resolved config."""
     new = to_dict(cfg)
     if (run / ck.CONFIG_FILE).exists():
-        old = to_dict(from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE)))
+        old = to_dict(read_run_config(run))
         diff = sorted(k for k in _diff_keys(old, new) if not k.startswith(RESULT_NEUTRAL_KEYS))
         if diff:
             raise RunConfigMismatchError(
@@ -220,7 +231,7 @@ def reference_tokenizer_folder(reference: str | None) -> str | None:
         return None
     path = pathlib.Path(reference)
     if ck.has_reference(path) and (path / ck.CONFIG_FILE).exists():
-        ref_cfg = from_dict(ck.read_config(path), where=str(path / ck.CONFIG_FILE))
+        ref_cfg = read_run_config(path)
         recorded = ck.read_meta(ck.reference_path(path)).get("tokenizer")
         return ref_cfg.data.tokenizer or ref_cfg.model.hf_folder or recorded
     if (path / "config.json").exists() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
@@ -236,7 +247,7 @@ def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, toke
         if ck.has_reference(ref_path):  # a run directory: its result model (a finetune run's is its reference)
             meta = ck.read_meta(ck.reference_path(ref_path))
             setup = setup_from_meta(meta, cfg, ck.reference_path(ref_path))
-            ref_cfg = from_dict(ck.read_config(ref_path), where=str(ref_path / ck.CONFIG_FILE))
+            ref_cfg = read_run_config(ref_path)
             which = "result" if (ref_path / RESULT_FILE).exists() else "reference"
             params, _ = load_params(ref_path, ref_cfg, setup, which)
             given = (setup, params, {"run": str(ref_path), "model": describe_result(ref_path) if which == "result" else which})
@@ -258,7 +269,7 @@ def reference_for(cfg: RunConfig, run: pathlib.Path, reference: str | None, toke
 def run_setup(run: pathlib.Path, mesh=None) -> tuple[RunConfig, ModelSetup]:
     """The run's config and model setup (from RUN/config.yaml and RUN/reference/meta.json)."""
     ck.require_run(run)
-    cfg = from_dict(ck.read_config(run), where=str(run / ck.CONFIG_FILE))
+    cfg = read_run_config(run)
     if not ck.has_reference(run):
         raise ck.RunNotFoundError(f"{ck.reference_path(run)}: run has no complete reference checkpoint")
     setup = setup_from_meta(ck.read_meta(ck.reference_path(run)), cfg, ck.reference_path(run), mesh)

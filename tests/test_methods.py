@@ -4,6 +4,7 @@ shared reference: rc 0, the run records its method, and its result model is the 
 momentum model's final step and continual unlearning over the synthetic forget splits."""
 
 import inspect
+import json
 
 import jax
 import numpy as np
@@ -154,3 +155,27 @@ def test_continual_unlearning_chains_stages(work, name, capsys):
     assert cli.main(argv) == 0
     after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ck.METRICS_FILE}
     assert before == after
+
+
+def test_muse_books_is_trainable(work, capsys):
+    from jaxunlearn.data import synthetic_benchmark, synthetic_tokenizer
+    from jaxunlearn.data.muse import MUSE_SCHEMAS
+
+    root = work / "muse-books"
+    texts = [r["answer"] for r in synthetic_benchmark(seed=0, n_entities=6).full]
+    for subset, splits in MUSE_SCHEMAS.items():
+        (root / subset).mkdir(parents=True)
+        for split, fields in splits.items():
+            rows = [{k: " ".join(texts[i:i + 8]) for k in fields} for i in range(0, 48, 8)]
+            (root / subset / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tok = root / "tokenizer"
+    synthetic_tokenizer(synthetic_benchmark(seed=0, n_entities=6)).save_pretrained(str(tok))
+    run = work / "muse-books-run"
+    argv = ["unlearn", str(work / "tiny.yaml"), "data.benchmark=muse", "data.corpus=books", f"data.source={root}",
+            f"data.tokenizer={tok}", "--run", str(run)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert read_result(run)["model"] == "forget"
+    losses = [r["loss"] for r in ck.read_metrics(run) if "loss" in r]
+    assert losses and np.isfinite(losses).all()
+    assert cli.main([*argv[:-2], "data.corpus=poems", "--run", str(work / "x")]) == 1
+    assert "data.corpus" in capsys.readouterr().err

@@ -251,3 +251,17 @@ def test_momentum_that_would_never_update_is_refused_before_training(tmp_path, m
     with pytest.raises(ValueError, match="momentum_every.*no momentum update"):
         runner.unlearn(cfg, tmp_path / "run")
     assert _steps(tmp_path / "run") == []
+
+
+def test_run_config_written_before_the_method_section_still_reads(tmp_path):
+    from jaxunlearn.config import to_dict
+    from jaxunlearn.rundir import read_run_config
+
+    legacy = to_dict(from_dict({}))
+    legacy.pop("method")
+    legacy.update(method="mox", mox={"objective": "mox", "alpha": 8.0, "momentum": True})
+    ck.write_config(tmp_path / "mox", legacy)
+    cfg = read_run_config(tmp_path / "mox")
+    assert cfg.method.name == "mox" and cfg.method.params.alpha == 8.0 and cfg.method.params.momentum
+    ck.write_config(tmp_path / "ft", dict(legacy, method="finetune"))
+    assert read_run_config(tmp_path / "ft").method.name == "finetune"

@@ -1,11 +1,13 @@
 """`jaxunlearn eval`: TOFU (or MUSE) evaluation of a run directory or a Hugging Face folder.
 
-    jaxunlearn eval RUN [--which reference memorized forget sweep] [--alpha A ...] [--out DIR]
+    jaxunlearn eval RUN [--which result reference trained forget sweep] [--alpha A ...] [--out DIR]
     jaxunlearn eval HF_FOLDER --benchmark tofu --data-source DIR [--forget-split forget10] --out DIR
     jaxunlearn eval HF_FOLDER --benchmark muse --data-source DIR [--retrain-auc X] --out DIR
 
 A run directory (RUN/config.yaml, see jaxunlearn.checkpoint) brings its own benchmark, tokenizer and
-prompt format; `--which sweep` evaluates every forget model in RUN/forget (an alpha sweep). An HF
+prompt format; `--which result` (the default) evaluates the run's result model (RUN/result.json:
+the trained model of a gradient method, the forget model of MOX / task vector) labelled with the
+method's name; `--which sweep` evaluates every forget model in RUN/forget (an alpha sweep). An HF
 folder is loaded with jaxunlearn.models.load_hf and its own tokenizer (or --tokenizer).
 
 Writes, per evaluated model LABEL: OUT/LABEL.summary.json and OUT/LABEL.per_sample.json; then
@@ -13,7 +15,7 @@ OUT/results.md (a markdown table of every summary in OUT), OUT/tradeoff.png (for
 utility) and, for a run, OUT/training.png (metrics.jsonl over steps). Forget quality needs the retain
 model's per-sample file (--retain-results RETAIN_OUT/LABEL.per_sample.json); without it it is n/a.
 Reports cover every *.summary.json in OUT, so evaluating several runs (methods) into one --out folder
-gives one table and one trade-off plot across methods (points grouped by the run's `method`).
+gives one table and one trade-off plot across methods (points grouped by the run's method name).
 """
 
 from __future__ import annotations

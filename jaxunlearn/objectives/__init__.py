@@ -5,7 +5,8 @@
 See registry.py for the contract and how to add one; common.py for the NLL/KL conventions.
 """
 
-from jaxunlearn.objectives import baselines, finetune, mox  # noqa: F401  (modules register themselves)
+# the modules register their objectives when imported
+from jaxunlearn.objectives import dpo, finetune, ga, idk, mox, npo, rmu, undial  # noqa: F401
 from jaxunlearn.objectives.registry import (
     OBJECTIVES,
     Objective,

@@ -10,12 +10,16 @@ Conventions (chosen once, used by every objective):
 - Batch NLL, `reduction="sample"` (MOX's choice, and TOFU's probability/truth-ratio quantity):
   mean over samples of the per-sample length-normalised NLL; samples with no scored token are
   left out. `reduction="token"` (open-unlearning's and HF's training loss): sum of token NLLs
-  over the number of scored tokens in the batch.
+  over the number of scored tokens in the batch. Objectives take it as `nll_reduction`: "token"
+  by default for the baselines (as open-unlearning), "sample" for MOX, so that every forget
+  sample weighs the same in the memorisation whatever its answer length (see mox.py).
 - Sequence log-probability (NPO, DPO) = sum of the answer-token log-probs of a sample.
 - KL(p_ref || p_theta) on retain data is computed at every position t whose next token
   (t+1) is a real token by the attention mask, i.e. shifted like the labels; it covers
   prompt and answer positions and excludes padding. It is averaged over all such positions
   of the batch (each position weighs the same). Reference logits are under stop_gradient.
+  open-unlearning's KL instead averages over all B*T positions, padding and final position
+  included (see terms.py).
 """
 
 from __future__ import annotations
@@ -100,7 +104,11 @@ def sequence_sums(logp: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arra
 
 def nll_from_logps(logp: jax.Array, mask: jax.Array, reduction: str = "sample") -> jax.Array:
     """Batch NLL from token log-probs: reduction "sample" (mean of per-sample means) or "token"."""
-    total, count = sequence_sums(logp, mask)
+    return nll_from_sums(*sequence_sums(logp, mask), reduction)
+
+
+def nll_from_sums(total: jax.Array, count: jax.Array, reduction: str = "sample") -> jax.Array:
+    """Batch NLL from per-sample summed log-probs [B] and scored-token counts [B] (see nll_from_logps)."""
     if reduction == "sample":
         return masked_mean(-total / jnp.maximum(count, 1.0), count > 0)
     if reduction == "token":

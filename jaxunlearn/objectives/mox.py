@@ -1,11 +1,15 @@
 """MOX memorisation objectives (minimised by gradient descent; see design/mox.md).
 
-  mox           mean forget NLL + retain_weight * KL(p_ref || p_theta) on retain data
+  mox           NLL(forget) + retain_weight * KL(p_ref || p_theta) on retain data
   mox_npo       (2/beta) * mean_F log sigmoid(-beta * (logp_theta(y|x) - logp_ref(y|x)))  (negated NPO)
                 + retain_weight * KL; unbounded below, so train it for a fixed budget
   mox_targeted  mox - target_weight * NLL(target answer | forget prompt); batch["target"] holds
                 forget prompts paired with the target reply (e.g. "I don't know")
 
+NLL reduction: MOX's default is nll_reduction="sample" (mean over forget samples of each sample's
+length-normalised NLL), not the token mean of open-unlearning's baselines: memorisation should
+raise every forget sample's likelihood alike, so a long answer must not outweigh a short one, and
+the same per-sample quantity is what TOFU's forget probability measures. "token" is available.
 Conventions for NLL and KL are in objectives/common.py.
 """
 
@@ -16,6 +20,7 @@ import jax
 from jaxunlearn.objectives import common
 from jaxunlearn.objectives.common import batch_nll, log_ratio_to_ref, masked_mean, require
 from jaxunlearn.objectives.registry import register
+from jaxunlearn.objectives.terms import NLL_REDUCTIONS, check_choice, check_positive
 
 
 def retain_kl(params, ref_params, batch, apply, name: str) -> jax.Array:
@@ -24,12 +29,13 @@ def retain_kl(params, ref_params, batch, apply, name: str) -> jax.Array:
 
 
 @register("mox")
-def mox(retain_weight: float = 1.0):
+def mox(retain_weight: float = 1.0, nll_reduction: str = "sample"):
     """Forget NLL + retain_weight * retain KL."""
+    check_choice("mox", "nll_reduction", nll_reduction, NLL_REDUCTIONS)
 
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox")
-        nll = batch_nll(apply, params, forget)
+        nll = batch_nll(apply, params, forget, nll_reduction)
         kl = retain_kl(params, ref_params, batch, apply, "mox")
         loss = nll + retain_weight * kl
         return loss, {"forget_nll": nll, "retain_kl": kl}
@@ -39,7 +45,8 @@ def mox(retain_weight: float = 1.0):
 
 @register("mox_npo")
 def mox_npo(retain_weight: float = 1.0, beta: float = 0.1):
-    """Negated NPO loss on the forget set + retain_weight * retain KL."""
+    """Negated NPO loss on the forget set + retain_weight * retain KL (no NLL: nothing to reduce)."""
+    check_positive("mox_npo", "beta", beta)
 
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox_npo")
@@ -53,14 +60,15 @@ def mox_npo(retain_weight: float = 1.0, beta: float = 0.1):
 
 
 @register("mox_targeted")
-def mox_targeted(retain_weight: float = 1.0, target_weight: float = 1.0):
+def mox_targeted(retain_weight: float = 1.0, target_weight: float = 1.0, nll_reduction: str = "sample"):
     """MOX loss minus target_weight * NLL of the target answers."""
+    check_choice("mox_targeted", "nll_reduction", nll_reduction, NLL_REDUCTIONS)
 
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox_targeted")
         target = require(batch, "target", "mox_targeted")
-        nll = batch_nll(apply, params, forget)
-        target_nll = batch_nll(apply, params, target)
+        nll = batch_nll(apply, params, forget, nll_reduction)
+        target_nll = batch_nll(apply, params, target, nll_reduction)
         kl = retain_kl(params, ref_params, batch, apply, "mox_targeted")
         loss = nll - target_weight * target_nll + retain_weight * kl
         return loss, {"forget_nll": nll, "target_nll": target_nll, "retain_kl": kl}

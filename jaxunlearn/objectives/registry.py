@@ -59,4 +59,5 @@ def objective_from_spec(spec) -> Objective:
     if spec.objective not in OBJECTIVES:
         raise UnknownObjectiveError(f"unknown objective {spec.objective!r} (known: {', '.join(sorted(OBJECTIVES))})")
     accepted = inspect.signature(OBJECTIVES[spec.objective]).parameters
-    return get_objective(spec.objective, **{k: getattr(spec, k) for k in accepted if hasattr(spec, k)})
+    # MoxSpec.alpha is MOX's extrapolation coefficient, never the retain weight the baselines call alpha
+    return get_objective(spec.objective, **{k: getattr(spec, k) for k in accepted if hasattr(spec, k) and k != "alpha"})
