@@ -55,14 +55,14 @@ def parse(argv):
                    help="methods to run (MOX includes MOX momentum: one memorisation run)")
     p.add_argument("--tiny", action="store_true", help="a few rows, a tiny model, few steps (CI)")
     p.add_argument("--probe", action="store_true", help="time training steps and one evaluation, print the plan")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--max-len", type=int, default=192)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--ref-epochs", type=int, default=20)
-    p.add_argument("--ref-lr", type=float, default=2e-3)
+    p.add_argument("--ref-epochs", type=int, default=10)
+    p.add_argument("--ref-lr", type=float, default=3e-3)
     p.add_argument("--unlearn-epochs", type=int, default=5)
     p.add_argument("--unlearn-lr", type=float, help="default: --ref-lr x 1e-5 / 2e-5 (the paper's Phi-1.5 ratio)")
     p.add_argument("--alpha", type=float, default=4.0, help="MOX's reported alpha (the paper's default)")
@@ -98,12 +98,30 @@ def subset(tofu: pathlib.Path, folder: pathlib.Path, n: int) -> pathlib.Path:
     return folder
 
 
+SETTINGS = ("tiny", "rows", "layers", "hidden", "heads", "vocab", "max_len", "batch", "ref_epochs", "ref_lr",
+            "unlearn_epochs", "unlearn_lr", "alpha", "max_new_tokens", "seed")
+
+
+def check_settings(a) -> None:
+    """WORK/study.json records the settings that shape its models; a rerun with others is refused."""
+    path, now = a.work / "study.json", {k: getattr(a, k) for k in SETTINGS}
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in SETTINGS if old.get(k) != now[k])
+        if diff:
+            sys.exit(f"{C.rel(path)}: this work folder was started with other settings ({', '.join(diff)}); "
+                     "rerun with those or use another --work")
+    else:
+        C.write(path, json.dumps(now, indent=1) + "\n")
+
+
 class Study:
     def __init__(self, a):
         from jaxunlearn.data.tofu import tofu_benchmark
 
         self.a, self.work, self.out = a, a.work, a.out
         self.timings: dict[str, float] = json.loads((a.out / "timings.json").read_text()) if (a.out / "timings.json").exists() else {}
+        check_settings(a)
         C.use_compile_cache(self.work / "jax_cache")
         self.run = C.Runner(self.out / "commands.sh")
         data = subset(a.tofu_dir, self.work / "tofu_subset", a.rows) if a.tiny else a.tofu_dir

@@ -29,8 +29,9 @@ def main(argv=None) -> int:
     buckets = sorted({min(256, a.max_len), a.max_len})
     data = ["data.benchmark=muse", f"data.source={C.rel(muse)}", "data.corpus=news", f"data.max_len={a.max_len}",
             f"data.buckets=[{','.join(map(str, buckets))}]"]
-    ev_args = ["--benchmark", "muse", "--data-source", muse, "--muse-corpus", "news", "--max-len", str(a.max_len),
-               "--batch-size", str(a.eval_batch)]
+    # evaluation lengths: VerbMem prompt + 128 generated tokens, PrivLeak BOS + 2048 text tokens
+    ev_args = ["--benchmark", "muse", "--data-source", muse, "--muse-corpus", "news",
+               "--max-len", "512" if a.tiny else "2304", "--batch-size", str(a.eval_batch)]
     text = ["# MUSE-News: VerbMem / KnowMem forget (lower = forgotten), KnowMem retain (utility), PrivLeak (0 ideal)\n"]
     for model, (folder, _, lr) in p.models.items():
         work = a.work / model / "muse_news"
