@@ -120,7 +120,8 @@ class Study:
         from jaxunlearn.data.tofu import tofu_benchmark
 
         self.a, self.work, self.out = a, a.work, a.out
-        self.timings: dict[str, float] = json.loads((a.out / "timings.json").read_text()) if (a.out / "timings.json").exists() else {}
+        timings = a.out / "timings.json"
+        self.timings: dict[str, float] = json.loads(timings.read_text()) if timings.exists() else {}
         check_settings(a)
         C.use_compile_cache(self.work / "jax_cache")
         self.run = C.Runner(self.out / "commands.sh")
@@ -130,7 +131,8 @@ class Study:
         self.tokenizer = C.bpe_tokenizer(self.bench, self.work / "tokenizer", a.vocab)
         self.init = C.random_llama(self.work / "init", self.tokenizer, a.layers, a.hidden, a.heads, a.seed)
         self.spe = -(-len(self.bench.forget) // a.batch)  # unlearning steps per epoch (forget batches)
-        lengths = [len(self.tokenizer(" " + r["answer"])["input_ids"]) for r in self.bench.forget + self.bench.retain_perturbed]
+        answers = [" " + r["answer"] for r in self.bench.forget + self.bench.retain_perturbed]
+        lengths = [len(ids) for ids in self.tokenizer(answers)["input_ids"]]
         self.max_new = a.max_new_tokens or max(lengths) + 8
 
     def timed(self, name, fn, *args):
@@ -231,12 +233,17 @@ class Study:
         ref_rouge = C.lookup(ref, ("forget", "rouge"))
         text = [f"# TOFU forget10 from scratch on CPU{' (--tiny)' if a.tiny else ''}\n",
                 f"Reference forget10 ROUGE-L recall: {C.fmt(ref_rouge)} "
-                f"({'reproduces' if (ref_rouge or 0) > 0.9 else 'does NOT reproduce'} the forget answers: > 0.9 needed).\n",
+                f"({'reproduces' if (ref_rouge or 0) > 0.9 else 'does NOT reproduce'} the forget answers: "
+                "> 0.9 needed).\n",
                 "## Final epoch (the paper's layout)\n", C.table(final.items(), cols),
                 "\n## MOX alpha sweep (one memorisation run)\n", C.table(sweep, cols, "alpha"),
-                "\n## Every epoch\n", C.table(by_epoch, cols, "method, epoch")]
+                "\n## Every epoch\n", "MOX is the linear forget model (alpha as above) from each epoch's memorisation "
+                "checkpoint; MOX momentum is evaluated at the final epoch only (its running model is kept in the "
+                "checkpoints, not written per epoch). FQ of the retrained model is 1 by definition (n/a here).\n\n",
+                C.table(by_epoch, cols, "method, epoch")]
         C.write(out / "results.md", "\n".join(text))
-        C.plot_tradeoff(final, getattr(self, "sweep", []), out / "tradeoff.png", f"TOFU forget10, {a.layers}x{a.hidden} Llama from scratch")
+        C.plot_tradeoff(final, getattr(self, "sweep", []), out / "tradeoff.png",
+                        f"TOFU forget10, {a.layers}x{a.hidden} Llama from scratch")
         C.plot_epochs(series, cols[:4] + cols[-1:], out / "epochs.png", "metrics per unlearning epoch")
         summaries = out / "summaries"
         for f in (self.work / "eval").rglob("*.summary.json"):
@@ -252,28 +259,34 @@ class Study:
 
 
 def probe(study: Study) -> None:
-    """Time reference training (two lengths, to separate compilation) and one evaluation; print the plan."""
+    """Time reference training (two lengths, to separate compilation) and one evaluation; print the plan.
+
+    Wall seconds depend on what else runs; CPU seconds of this process (all its threads) do much less:
+    on an otherwise idle machine the wall time is about CPU seconds / cores used."""
     a, work = study.a, study.work / "probe"
     spe = -(-len(study.bench.full) // a.batch)
     over = study.data_overrides() + study.train_overrides(a.ref_lr, 1, spe)
-    times = {}
-    for steps in (2, 12):
-        t = time.time()
-        study.run.finetune(work / f"steps_{steps}", "full", over + [f"train.max_steps={steps}"])
-        times[steps] = time.time() - t
-    step_s = (times[12] - times[2]) / 10
-    t = time.time()
-    study.run.evaluate(work / "steps_2", work / "eval", "reference", "--which", "reference", *study.eval_args())
-    eval_s = time.time() - t
-    n_evals = 2 + (len(C.METHODS) - 1) * a.unlearn_epochs + len(C.MOX_ALPHAS) + 1
-    ref_s = step_s * spe * a.ref_epochs * (1 + len(study.bench.retain) / len(study.bench.full))
-    unl_s = step_s * 2.3 * study.spe * a.unlearn_epochs * (len(C.METHODS) - 1)  # forget + retain + reference pass
-    plan = {"seconds_per_step(batch %d)" % a.batch: round(step_s, 2), "steps_per_epoch(full)": spe,
-            "one_eval_s(incl. compile)": round(eval_s, 1), "evals": n_evals,
-            "estimate_min": {"reference+retain": round(ref_s / 60, 1), "unlearning": round(unl_s / 60, 1),
-                             "evaluation": round(eval_s * n_evals / 60, 1)},
-            "load_average": os.getloadavg()}
+
+    def clock(fn, *args):
+        t, c = time.time(), time.process_time()
+        fn(*args)
+        return time.time() - t, time.process_time() - c
+
+    runs = {n: clock(study.run.finetune, work / f"steps_{n}", "full", over + [f"train.max_steps={n}"]) for n in (2, 12)}
+    step = [(runs[12][i] - runs[2][i]) / 10 for i in (0, 1)]
+    ev = clock(study.run.evaluate, work / "steps_12", work / "eval", "reference", "--which", "reference",
+               *study.eval_args())
+    n_evals = 3 + (len(C.METHODS) - 1) * a.unlearn_epochs + len(C.MOX_ALPHAS) - 1
+    ref_steps = spe * a.ref_epochs * (1 + len(study.bench.retain) / len(study.bench.full))
+    unl_steps = 2.3 * study.spe * a.unlearn_epochs * (len(C.METHODS) - 1)  # forget + retain + reference passes
+    minutes = lambda i: {"reference+retain": round(step[i] * ref_steps / 60, 1),  # noqa: E731
+                         "unlearning": round(step[i] * unl_steps / 60, 1), "evaluation": round(ev[i] * n_evals / 60, 1)}
+    plan = {"seconds per batch-%d step (wall, cpu)" % a.batch: [round(x, 2) for x in step],
+            "steps per epoch of full": spe, "one evaluation incl. compile (wall, cpu)": [round(x, 1) for x in ev],
+            "evaluations": n_evals, "estimate, minutes from wall": minutes(0), "estimate, minutes from cpu": minutes(1),
+            "load average": os.getloadavg(), "cpu count": os.cpu_count()}
     print(json.dumps(plan, indent=1))
+    C.write(study.out / "probe.json", json.dumps(plan, indent=1) + "\n")
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,6 @@
 """The paper scripts' --tiny modes (random tiny model, built-in data): each runs end to end and writes its
 table. They share one work folder, as the real scripts do, so the reference is trained once."""
 
-import pathlib
-
 import pytest
 
 from test_experiments import REPO, load_script

@@ -39,9 +39,9 @@ def main(argv=None) -> int:
             before = p.tofu_eval(run, a.work / model / a.split / "eval" / run.name, label, retain, *which)
             if not (base / "export" / "config.json").exists():
                 p.run("export-hf", "--run", run, "--which", *which, "--out", base / "export")
-            p.run.finetune(base / "relearned", "forget", [f"model.hf_folder={C.rel(base / 'export')}", *p.data(model, a.split),
-                                                          *p.train(lr, 1), "train.warmup_epochs=0",
-                                                          f"train.max_steps={a.relearn_steps}"])
+            over = [f"model.hf_folder={C.rel(base / 'export')}", *p.data(model, a.split), *p.train(lr, 1),
+                    "train.warmup_epochs=0", f"train.max_steps={a.relearn_steps}"]
+            p.run.finetune(base / "relearned", "forget", over)
             after = p.tofu_eval(base / "relearned", base / "eval", "reference", retain, "reference")
             rows += [(f"{row}, before", before), (f"{row}, after relearning", after)]
         text += [f"\n## {model}\n", C.table(rows, COLUMNS)]
