@@ -106,6 +106,12 @@ def test_result_is_what_eval_and_export_use_by_default(work, capsys):
     _, trained, _ = load_run_params(run, "trained")
     for a, b in zip(_leaves(loaded), _leaves(trained)):
         np.testing.assert_array_equal(a, b)
+    # eval's default model of a run is its result, labelled with the method's name
+    from jaxunlearn.evals import cli as eval_cli
+    from jaxunlearn.rundir import read_run_config
+
+    args = eval_cli._parser().parse_args([str(run)])
+    assert eval_cli._run_models(run, args, read_run_config(run)) == [("ga", {"which": "result"})]
     # extrapolating a baseline is refused in one line
     assert cli.main(["extrapolate", "--run", str(run), "--alpha", "2"]) == 1
     assert "keeps its trained model" in capsys.readouterr().err

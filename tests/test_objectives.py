@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxunlearn.config import MoxSpec
-from jaxunlearn.objectives import OBJECTIVES, UnknownObjectiveError, get_objective, objective_from_spec
+from jaxunlearn.methods import get_method
+from jaxunlearn.methods.mox import MoxParams
+from jaxunlearn.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
 from jaxunlearn.objectives.common import MissingBatchKeyError
 from jaxunlearn.ops import IGNORE
 
@@ -145,8 +146,7 @@ def test_registry():
         get_objective("gax")
     with pytest.raises(UnknownObjectiveError, match="'mox' does not take \\['beta'\\]"):
         get_objective("mox", beta=0.1)
-    # from a config section: only the hyper-parameters the factory takes are passed
-    obj = objective_from_spec(MoxSpec(objective="mox_npo", beta=0.3, retain_weight=2.0, alpha=8.0))
-    assert callable(obj)
-    with pytest.raises(UnknownObjectiveError, match="unknown objective 'nope'"):
-        objective_from_spec(MoxSpec(objective="nope"))
+    # the MOX method passes only the hyper-parameters its objective takes (never alpha, the extrapolation's)
+    name, kwargs = get_method("mox").objective(MoxParams(objective="mox_npo", beta=0.3, retain_weight=2.0, alpha=8.0))
+    assert (name, kwargs) == ("mox_npo", {"retain_weight": 2.0, "beta": 0.3})
+    assert callable(get_objective(name, **kwargs))

@@ -265,3 +265,50 @@ def test_run_config_written_before_the_method_section_still_reads(tmp_path):
     assert cfg.method.name == "mox" and cfg.method.params.alpha == 8.0 and cfg.method.params.momentum
     ck.write_config(tmp_path / "ft", dict(legacy, method="finetune"))
     assert read_run_config(tmp_path / "ft").method.name == "finetune"
+
+
+def test_one_exit_path(tmp_path, capsys, monkeypatch):
+    from jaxunlearn.config import ConfigError
+    from jaxunlearn.errors import JaxunlearnError
+
+    argv = ["unlearn", "method=npo", "method.eta=1", "--run", str(tmp_path / "r")]
+    assert cli.main(argv) == cli.EXIT_ERROR == 1
+    err = _last_err(capsys)
+    assert len(err) == 1 and err[0].startswith("jaxunlearn unlearn: error: ") and "method.eta" in err[0], err
+    assert cli.main(["nope"]) == cli.EXIT_USAGE == 2
+    monkeypatch.setenv("JAXUNLEARN_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        cli.main(argv)
+    # every expected error type derives from the one base
+    from jaxunlearn import checkpoint, data, extrapolate, rundir, sharding, train
+    from jaxunlearn.evals.tofu import EvalError
+    from jaxunlearn.methods import UnknownMethodError
+    from jaxunlearn.models.config import ModelConfigError
+    from jaxunlearn.objectives import UnknownObjectiveError
+    from jaxunlearn.objectives.common import MissingBatchKeyError
+
+    for error in (ConfigError, checkpoint.CheckpointError, checkpoint.RunNotFoundError, data.DataError,
+                  extrapolate.UnknownRuleError, rundir.RunConfigMismatchError, sharding.MeshError,
+                  train.NonFiniteError, EvalError, UnknownMethodError, ModelConfigError, UnknownObjectiveError,
+                  MissingBatchKeyError):
+        assert issubclass(error, JaxunlearnError), error
+
+
+def test_evaluation_depends_on_the_run_directory_never_on_training_code():
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "jaxunlearn"
+    training = {"jaxunlearn.runner", "jaxunlearn.stage", "jaxunlearn.train", "jaxunlearn.optim"}
+
+    def imports(path):
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        return out
+
+    for path in [*sorted((root / "evals").glob("*.py")), root / "rundir.py"]:
+        assert not imports(path) & training, path
+    assert "jaxunlearn.rundir" in imports(root / "evals" / "cli.py")

@@ -8,7 +8,9 @@
 h is the residual stream at the output of decoder layer `layer` (0-indexed: open-unlearning's
 module `model.layers.7` is layer=7), i.e. apply.hidden(..., num_layers=layer + 1); ans_i are the
 positions whose own label is scored (labels != -100, unshifted, as open-unlearning's mask).
-Samples without a scored token are left out of the mean.
+Samples without a scored token are left out of the mean. (WMDP's own code takes the plain MSE
+over every position of its inputs, trains the MLP down-projections of layers 5-7 only, and uses
+steering 6.5 with retain weight 1200 for Zephyr-7B.)
 `trainable` is a regular expression matched (fullmatch) against parameter paths such as
 "layers.7.mlp.down_proj.kernel": gradients of the other parameters are stopped inside the loss.
 Parameters stored stacked over layers ("layers.mlp.down_proj.kernel" [L, ...]) are matched slice by
