@@ -264,6 +264,7 @@ def probe(study: Study) -> None:
     Wall seconds depend on what else runs; CPU seconds of this process (all its threads) do much less:
     on an otherwise idle machine the wall time is about CPU seconds / cores used."""
     a, work = study.a, study.work / "probe"
+    study.run.log = study.out / "probe_commands.sh"
     spe = -(-len(study.bench.full) // a.batch)
     over = study.data_overrides() + study.train_overrides(a.ref_lr, 1, spe)
 
