@@ -621,12 +621,13 @@ class MemorizedCheckpoints:
         try:
             got = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            got = self._restore_per_layer(step, items)  # written before decoder layers were stacked?
+            got = self._restore_per_layer(step, items)  # written before decoder layers were stacked? (verified)
             if got is None:
                 raise CheckpointError(
                     f"{self.directory}/{step}: cannot restore memorised checkpoint: {str(e).splitlines()[0]}"
                 ) from e
-        self._verify(step, got, opt_state_target is not None)
+        else:
+            self._verify(step, got, opt_state_target is not None)
         key = jnp.asarray(got["rng"]["key"])
         if rng_impl is not None:
             key = jax.random.wrap_key_data(key, impl=rng_impl)
@@ -655,8 +656,8 @@ class MemorizedCheckpoints:
                 )
 
     def _restore_per_layer(self, step: int, items: dict) -> dict | None:
-        """Restore a step saved with per-layer model parameters onto the stacked targets (stacking params
-        and opt_state after reading); None when the step is not of that layout either."""
+        """Restore a step saved with per-layer model parameters onto the stacked targets (verified against its
+        recorded hashes, then params and opt_state stacked); None when the step is not of that layout either."""
         targets = {k: items[k].item for k in ("params", "opt_state") if k in items}
         if _layers.is_per_layer(tree_summary(targets)):
             return None
@@ -665,6 +666,7 @@ class MemorizedCheckpoints:
             got = dict(self.manager.restore(step, args=ocp.args.Composite(**old)))
         except Exception:
             return None
+        self._verify(step, got, "opt_state" in targets)  # the hashes were recorded on the tree as written
         for k, t in targets.items():
             got[k] = _layers.stack_layers(got[k], _shardings(t))
         return got

@@ -8,13 +8,13 @@ import pytest
 
 from jaxunlearn import extrapolate as ex
 from jaxunlearn import runner
-from jaxunlearn.config import ConfigError
+from jaxunlearn.config import ConfigError, from_dict
 
 TINY = {
     "model": {"reference_dtype": "bfloat16"},
     "data": {"synthetic_entities": 6, "max_len": 64, "buckets": [64]},
     "train": {"batch_size": 8, "epochs": 1, "max_steps": 2, "lr": 1e-3, "loss_chunk": 16},
-    "mox": {"alpha": 2.0},
+    "method": {"name": "mox", "alpha": 2.0},
     "checkpoint": {"async_save": False},
 }
 
@@ -31,7 +31,7 @@ def test_bf16_reference_in_training_stored_reference_for_extrapolation(tmp_path,
         return real_train_stage(run, cfg, setup, stage, start, ref_params)
 
     monkeypatch.setattr(runner, "train_stage", train_stage)
-    run = runner.unlearn(runner.from_dict(TINY), tmp_path / "run")
+    run = runner.unlearn(from_dict(TINY), tmp_path / "run", "random")
     assert seen["ref"] == {jnp.dtype(jnp.bfloat16)} and seen["start"] == {jnp.dtype(jnp.float32)}
     assert seen["sharding"] == seen["setup"]
     _, ref, meta = runner.load_run_params(run, "reference")  # stored at full precision, hash verified
@@ -53,8 +53,8 @@ def test_cast_reference_keeps_the_object_when_nothing_to_cast():
 
 def test_reference_dtype_config_errors():
     with pytest.raises(ConfigError, match="model.reference_dtype: expected null or one of"):
-        runner.from_dict({"model": {"reference_dtype": "int8"}})
-    with pytest.raises(ConfigError, match="reference_dtype: mox.momentum"):
-        runner.from_dict({"model": {"reference_dtype": "bfloat16"}, "mox": {"momentum": True}})
+        from_dict({"model": {"reference_dtype": "int8"}})
+    with pytest.raises(ConfigError, match="reference_dtype: method.momentum"):
+        from_dict({"model": {"reference_dtype": "bfloat16"}, "method": {"name": "mox", "momentum": True}})
     with pytest.raises(ConfigError, match="train.loss_chunk: must be >= 0"):
-        runner.from_dict({"train": {"loss_chunk": -1}})
+        from_dict({"train": {"loss_chunk": -1}})
