@@ -62,7 +62,7 @@ def model_config(spec: PlanSpec):
 
 
 def run_config(spec: PlanSpec):
-    """The RunConfig sections the step depends on (model dtypes, mesh, loss chunk, objective)."""
+    """The RunConfig sections the step depends on (model dtypes, mesh, loss chunk)."""
     from jaxunlearn.config import from_dict
 
     return from_dict({
@@ -70,7 +70,6 @@ def run_config(spec: PlanSpec):
                   "remat": spec.remat, "scan_layers": spec.scan_layers},
         "mesh": {"data": spec.data, "fsdp": spec.fsdp, "tensor": spec.tensor},
         "train": {"loss_chunk": spec.loss_chunk, "batch_size": max(spec.forget, spec.retain, 1)},
-        "mox": {"objective": spec.objective},
     }, where="plan")
 
 
@@ -125,7 +124,7 @@ def plan(spec: PlanSpec) -> dict:
     from jaxunlearn import checkpoint as ck
     from jaxunlearn import optim, rundir, runner, train
     from jaxunlearn.models import param_count
-    from jaxunlearn.objectives import objective_from_spec
+    from jaxunlearn.objectives import get_objective
     from jaxunlearn.objectives.common import with_loss_chunk
 
     cfg = run_config(spec)
@@ -137,7 +136,7 @@ def plan(spec: PlanSpec) -> dict:
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
     opt_abstract = ck.abstract_tree(jax.eval_shape(optimizer.init, setup.abstract), opt_shardings)
     apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk)
-    step = train.make_train_step(objective_from_spec(cfg.mox), apply, optimizer, setup.mesh, setup.shardings,
+    step = train.make_train_step(get_objective(spec.objective), apply, optimizer, setup.mesh, setup.shardings,
                                  opt_shardings, schedule=schedule)
     batch = abstract_batch(spec, setup.mesh)
 

@@ -69,6 +69,8 @@ DATA_FLAGS = (("benchmark", "benchmark"), ("data_source", "source"), ("forget_sp
               ("synthetic_seed", "synthetic_seed"), ("synthetic_entities", "synthetic_entities"),
               ("muse_corpus", "corpus"), ("tokenizer", "tokenizer"), ("prompt_format", "prompt_format"),
               ("max_len", "max_len"))
+# DataSpec fields that decide which rows are evaluated: an option that differs from the export record is warned about
+BENCHMARK_FIELDS = ("benchmark", "forget_split", "synthetic_seed", "synthetic_entities", "corpus")
 HF_MAX_LEN = 512  # an HF folder's max_len when neither --max-len nor an export record gives one
 
 
@@ -155,7 +157,7 @@ def _export_data_spec(args, folder: pathlib.Path):
         return DataSpec(benchmark="tofu", max_len=HF_MAX_LEN, buckets=bucket_ladder(HF_MAX_LEN))
     for flag, field in DATA_FLAGS:
         given, recorded = getattr(args, flag), record.get(field)
-        if given is not None and recorded is not None and given != recorded and field not in ("max_len", "tokenizer"):
+        if given is not None and recorded is not None and given != recorded and field in BENCHMARK_FIELDS:
             print(f"jaxunlearn eval: warning: --{flag.replace('_', '-')} {given} differs from the {recorded} this model "
                   f"was trained with ({folder / EXPORT_MARKER}); results are not comparable with the run's", file=sys.stderr)
     return from_dict({"data": record}, where=str(folder / EXPORT_MARKER)).data
