@@ -311,6 +311,14 @@ def test_eval_options_override_the_run_data_settings():
     assert (spec.max_len, spec.buckets, spec.synthetic_entities, spec.forget_split) == (200, (64, 128, 200), 7, "forget05")
     with pytest.raises(ConfigError, match="benchmark"):
         data_spec(_parser().parse_args(["RUN", "--benchmark", "nope"]), run)
+    # the run configuration's own keys, as every command takes them; options win over them
+    args = _parser().parse_intermixed_args(["RUN", "data.max_len=128", "--synthetic-seed", "3", "data.synthetic_seed=2"])
+    spec = data_spec(args, run)
+    assert (spec.max_len, spec.buckets, spec.synthetic_seed) == (128, (64, 128), 3)
+    spec = data_spec(_parser().parse_intermixed_args(["RUN", "data.max_len=128", "data.buckets=[128]"]), run)
+    assert spec.buckets == (128,)
+    with pytest.raises(ConfigError, match="data.KEY=VALUE overrides only"):
+        data_spec(_parser().parse_intermixed_args(["RUN", "train.lr=1"]), run)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

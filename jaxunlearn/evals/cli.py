@@ -1,6 +1,6 @@
 """`jaxunlearn eval`: TOFU (or MUSE) evaluation of a run directory or a Hugging Face folder.
 
-    jaxunlearn eval RUN [--which result reference trained forget sweep] [--alpha A ...] [--out DIR]
+    jaxunlearn eval RUN [data.KEY=VALUE ...] [--which result reference trained forget sweep] [--alpha A ...] [--out DIR]
     jaxunlearn eval HF_FOLDER --benchmark tofu --data-source DIR [--forget-split forget10] --out DIR
     jaxunlearn eval HF_FOLDER --benchmark muse --data-source DIR [--retrain-auc X] --out DIR
 
@@ -34,6 +34,8 @@ from jaxunlearn.evals.tofu import EvalError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxunlearn eval", description="evaluate a run directory or an HF folder")
     p.add_argument("target", help="run directory (with config.yaml) or Hugging Face model folder")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
+                   help="override the run's (or the export record's) data settings, as in the run config")
     p.add_argument("--which", nargs="+", default=["result"],
                    help="for a run: any of result (the method's result model, default), reference, trained "
                         "(memorized), forget, sweep (every alpha in RUN/forget)")
@@ -75,14 +77,20 @@ HF_MAX_LEN = 512  # an HF folder's max_len when neither --max-len nor an export 
 
 
 def data_spec(args, base):
-    """`base` (a DataSpec: the run's data settings) with the options given on the command line; a
-    new max_len gets the doubling bucket ladder of data.batching.bucket_ladder."""
-    from jaxunlearn.config import DataSpec, from_dict, to_dict
+    """`base` (a DataSpec: the run's data settings) with the data options and `data.KEY=VALUE`
+    overrides given on the command line (the options win); a max_len changed without buckets gets
+    the doubling bucket ladder of data.batching.bucket_ladder."""
+    from jaxunlearn.config import ConfigError, from_dict, parse_override, to_dict
     from jaxunlearn.data.batching import bucket_ladder
 
-    data = to_dict(base if base is not None else DataSpec())
+    data = to_dict(base)
+    for text in getattr(args, "overrides", None) or ():
+        path, value = parse_override(text)
+        if path[0] != "data" or len(path) != 2:
+            raise ConfigError(f"override {text!r}: eval takes data.KEY=VALUE overrides only")
+        data[path[1]] = value
     data.update({field: getattr(args, flag) for flag, field in DATA_FLAGS if getattr(args, flag) is not None})
-    if data["max_len"] != (base.max_len if base is not None else None):
+    if data["max_len"] != base.max_len and data["buckets"] == list(base.buckets):
         data["buckets"] = list(bucket_ladder(data["max_len"]))
     return from_dict({"data": data}, where="eval").data
 
@@ -254,7 +262,7 @@ def write_reports(out: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     target = pathlib.Path(args.target)
     if (target / "config.yaml").is_file():
         results = _run_target(args)
