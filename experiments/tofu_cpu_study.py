@@ -144,8 +144,10 @@ class Study:
         return out
 
     def data_overrides(self) -> list[str]:
+        from jaxunlearn.data.batching import bucket_ladder
+
         a = self.a
-        buckets = sorted({min(64, a.max_len), min(128, a.max_len), a.max_len})
+        buckets = bucket_ladder(a.max_len)
         return ["data.benchmark=tofu", f"data.source={C.rel(self.data)}", f"data.forget_split={FORGET}",
                 f"data.tokenizer={C.rel(self.work / 'tokenizer')}", f"data.max_len={a.max_len}",
                 f"data.buckets=[{','.join(map(str, buckets))}]", "data.prompt_format=qa"]

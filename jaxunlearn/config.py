@@ -64,12 +64,12 @@ class ModelSpec:
 class DataSpec:
     """Which benchmark and how to tokenise it."""
 
-    benchmark: str = "synthetic"  # "synthetic" | "tofu" | "muse"
+    benchmark: str = "synthetic"  # a name in jaxunlearn.data.benchmarks.BENCHMARKS (synthetic | tofu | muse)
     corpus: str = "news"  # MUSE corpus: "news" | "books"
     source: Optional[str] = None  # local folder of data files; None = the hub / built-in generator
     forget_split: str = "forget10"  # TOFU split; synthetic: forget01 | forget05 | forget10 (1, 2, 4 authors)
     max_len: int = 128
-    buckets: tuple[int, ...] = (64, 128)  # static padded lengths (sorted, last == max_len)
+    buckets: tuple[int, ...] = (64, 128)  # static padded lengths (sorted, last == max_len; data.bucket_ladder(max_len))
     prompt_format: Optional[str] = None  # None = pick from the tokenizer / model family
     tokenizer: Optional[str] = None  # tokenizer folder; None = the model's folder or the synthetic one
     target: Optional[str] = None  # targeted variant: split with target answers (e.g. "idontknow")
@@ -285,8 +285,10 @@ def _validate(cfg, where: str) -> None:
             if getattr(cfg, name) not in known:
                 raise ConfigError(f"{where}.{name}: unknown {name} {getattr(cfg, name)!r} (one of {', '.join(known)})")
     if isinstance(cfg, DataSpec):
-        if cfg.benchmark not in ("synthetic", "tofu", "muse"):
-            raise ConfigError(f"{where}.benchmark: expected synthetic|tofu|muse, got {cfg.benchmark!r}")
+        from jaxunlearn.data.benchmarks import BENCHMARKS
+
+        if cfg.benchmark not in BENCHMARKS:
+            raise ConfigError(f"{where}.benchmark: expected {'|'.join(BENCHMARKS)}, got {cfg.benchmark!r}")
         if cfg.corpus not in ("news", "books"):
             raise ConfigError(f"{where}.corpus: expected news|books (the MUSE corpus), got {cfg.corpus!r}")
         if not cfg.buckets or list(cfg.buckets) != sorted(cfg.buckets) or cfg.buckets[-1] != cfg.max_len:

@@ -33,14 +33,6 @@ RESULT_FILE = "result.json"
 # models of a run that load_run_params / eval / export-hf can load ("memorized" = "trained")
 WHICH = ("result", "forget", "trained", "memorized", "reference")
 
-# synthetic benchmark forget splits, nested like TOFU's (forget01 in forget05 in forget10): the last
-# 1, 2 or 4 authors (4: the generator's default); the holdout stays 4 authors, so every split has the
-# same texts and hence the same tokenizer
-SYNTHETIC_FORGET = {"forget01": 1, "forget05": 2, "forget10": 4}
-SYNTHETIC_HOLDOUT = 4
-SYNTHETIC_DEFAULT_SPLIT = "forget10"
-
-
 class RunConfigMismatchError(JaxunlearnError, ValueError):
     """A rerun's config differs from the one the run directory was started with."""
 
@@ -48,25 +40,11 @@ class RunConfigMismatchError(JaxunlearnError, ValueError):
 # ----------------------------------------------------------------------------- building blocks
 
 
-def load_benchmark(data_spec):
-    """The UnlearnBenchmark named by a DataSpec."""
-    from jaxunlearn import data
+def load_benchmark(data_spec, purpose: str = "train"):
+    """The benchmark a DataSpec names (jaxunlearn.data.benchmarks), loaded for `purpose` ("train" or "eval")."""
+    from jaxunlearn.data import benchmarks
 
-    if data_spec.benchmark == "synthetic":
-        if data_spec.forget_split not in SYNTHETIC_FORGET:
-            raise RunError(f"data.forget_split: the synthetic benchmark has {', '.join(SYNTHETIC_FORGET)}, "
-                           f"got {data_spec.forget_split!r}")
-        return data.synthetic_benchmark(seed=data_spec.synthetic_seed, n_entities=data_spec.synthetic_entities,
-                                        n_forget=SYNTHETIC_FORGET[data_spec.forget_split], n_holdout=SYNTHETIC_HOLDOUT)
-    if data_spec.benchmark == "tofu":
-        from jaxunlearn.data import tofu
-
-        return tofu.tofu_benchmark(data_spec.forget_split, source=data_spec.source)
-    if data_spec.benchmark == "muse":
-        from jaxunlearn.data import muse
-
-        return muse.muse_benchmark(data_spec.corpus, source=data_spec.source, privleak=False)
-    raise RunError(f"data.benchmark: {data_spec.benchmark!r} has no loader for training runs")
+    return benchmarks.load(data_spec, purpose)
 
 
 def load_tokenizer(cfg: RunConfig, bench, fallback_folder: str | None = None):
@@ -82,8 +60,11 @@ def load_tokenizer(cfg: RunConfig, bench, fallback_folder: str | None = None):
     else:
         from jaxunlearn.data import synthetic_tokenizer
 
-        if cfg.data.benchmark == "synthetic":  # one tokenizer for every forget split: that of the default split
-            bench = load_benchmark(dataclasses.replace(cfg.data, forget_split=SYNTHETIC_DEFAULT_SPLIT))
+        from jaxunlearn.data.benchmarks import get_benchmark
+
+        spec = get_benchmark(cfg.data.benchmark).tokenizer_spec(cfg.data)
+        if spec != cfg.data:  # e.g. synthetic: one tokenizer for every forget split
+            bench = load_benchmark(spec)
         tok = synthetic_tokenizer(bench)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

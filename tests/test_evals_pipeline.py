@@ -12,6 +12,7 @@ from scipy import stats
 from jaxunlearn import checkpoint as ck
 from jaxunlearn.data import MuseBenchmark, prompt_format_for, synthetic_benchmark, synthetic_tokenizer
 from jaxunlearn import cli as main_cli
+from jaxunlearn.config import ConfigError
 from jaxunlearn.evals import cli, report
 from jaxunlearn.evals import metrics as M
 from jaxunlearn.evals.evaluator import Evaluator
@@ -284,18 +285,40 @@ def test_cli_on_run_directory_sweep(tmp_path, capsys):
     mcfg = ModelConfig.preset("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     run = _fake_run(tmp_path, init_model(mcfg, seed=1), 5)
-    rc = main_cli.main(["eval", str(run), "--which", "forget", "sweep", "--alpha", "2", "--max-new-tokens", "4", "--max-len", "64",
+    rc = main_cli.main(["eval", str(run), "--which", "forget", "sweep", "--alpha", "2", "--max-new-tokens", "4",
                    "--batch-size", "8", "--no-mia", "--mesh-data", "1"])
     assert rc == 0, capsys.readouterr().err
     out = run / "eval"
     for label in ("alpha_1.0", "alpha_2.0"):
         s = json.loads((out / f"{label}.summary.json").read_text())
         assert s["run"]["method"] == "mox" and s["sizes"]["forget"] > 0
+        # no data options given: the run's own data settings (not eval's defaults)
+        assert (s["data"]["synthetic_entities"], s["data"]["max_len"], s["data"]["buckets"]) == (5, 64, [32, 64])
     assert json.loads((out / "alpha_2.0.summary.json").read_text())["run"]["alpha"] == 2.0
     table = (out / "results.md").read_text()
     assert "| alpha_1.0 |" in table and "| alpha_2.0 |" in table
     assert table.count("| alpha_2.0 |") == 1  # asked for by both `forget` and `sweep`: evaluated once
     assert (out / "tradeoff.png").exists() and (out / "training.png").exists()
+
+
+def test_eval_options_override_the_run_data_settings():
+    from jaxunlearn.config import DataSpec
+    from jaxunlearn.evals.cli import _parser, data_spec
+
+    run = DataSpec(synthetic_entities=5, max_len=64, buckets=(32, 64), forget_split="forget05")
+    assert data_spec(_parser().parse_args(["RUN"]), run) == run
+    spec = data_spec(_parser().parse_args(["RUN", "--max-len", "200", "--synthetic-entities", "7"]), run)
+    assert (spec.max_len, spec.buckets, spec.synthetic_entities, spec.forget_split) == (200, (64, 128, 200), 7, "forget05")
+    with pytest.raises(ConfigError, match="benchmark"):
+        data_spec(_parser().parse_args(["RUN", "--benchmark", "nope"]), run)
+    # the run configuration's own keys, as every command takes them; options win over them
+    args = _parser().parse_intermixed_args(["RUN", "data.max_len=128", "--synthetic-seed", "3", "data.synthetic_seed=2"])
+    spec = data_spec(args, run)
+    assert (spec.max_len, spec.buckets, spec.synthetic_seed) == (128, (64, 128), 3)
+    spec = data_spec(_parser().parse_intermixed_args(["RUN", "data.max_len=128", "data.buckets=[128]"]), run)
+    assert spec.buckets == (128,)
+    with pytest.raises(ConfigError, match="data.KEY=VALUE overrides only"):
+        data_spec(_parser().parse_intermixed_args(["RUN", "train.lr=1"]), run)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

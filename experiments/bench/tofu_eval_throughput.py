@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     import jax
 
-    from jaxunlearn.data import prompt_format_for, synthetic_benchmark, synthetic_tokenizer
+    from jaxunlearn.data import bucket_ladder, prompt_format_for, synthetic_benchmark, synthetic_tokenizer
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.models import split_params
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     t_torch = time.perf_counter() - t0
 
     ev = Evaluator.create(graphdef, params, model.config, tok, fmt, batch_size=args.batch_size,
-                          buckets=(64, 128, args.max_len), max_len=args.max_len)
+                          buckets=bucket_ladder(args.max_len), max_len=args.max_len)
     t0 = time.perf_counter()
     jax_tofu(ev, splits, args)
     t_cold = time.perf_counter() - t0

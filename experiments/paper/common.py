@@ -331,8 +331,10 @@ class Paper:
                 self.models[name] = (folder, fmt, lr)
 
     def data(self, model: str, split: str = "forget10") -> list[str]:
+        from jaxunlearn.data.batching import bucket_ladder
+
         a, (_, fmt, _) = self.a, self.models[model]
-        buckets = sorted({min(128, a.max_len), min(256, a.max_len), a.max_len})
+        buckets = bucket_ladder(a.max_len, smallest=128)
         out = list(TINY_DATA) if a.tiny else ["data.benchmark=tofu", f"data.source={rel(a.tofu_dir)}"]
         out += [f"data.forget_split={split}", f"data.max_len={a.max_len}", f"data.buckets=[{','.join(map(str, buckets))}]"]
         return out + ([f"data.prompt_format={fmt}"] if fmt else [])

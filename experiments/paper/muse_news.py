@@ -22,11 +22,13 @@ EXTRA = {"--muse-dir": dict(help="MUSE-News in the hub's layout (<dir>/<subset>/
 
 
 def main(argv=None) -> int:
+    from jaxunlearn.data.batching import bucket_ladder
+
     a = C.paper_args(__doc__.split("\n\n")[0], sys.argv[1:] if argv is None else argv, out="experiments/results/paper",
                      extra=EXTRA)
     p = C.Paper(a)
     muse = C.tiny_muse_dir(a.work / "tiny-muse") if a.tiny else pathlib.Path(a.muse_dir or "")
-    buckets = sorted({min(256, a.max_len), a.max_len})
+    buckets = bucket_ladder(a.max_len, smallest=256)
     data = ["data.benchmark=muse", f"data.source={C.rel(muse)}", "data.corpus=news", f"data.max_len={a.max_len}",
             f"data.buckets=[{','.join(map(str, buckets))}]"]
     # evaluation lengths: VerbMem prompt + 128 generated tokens, PrivLeak BOS + 2048 text tokens

@@ -3,6 +3,7 @@
 from jaxunlearn.data.batching import (
     DEFAULT_BUCKETS,
     PairedIterator,
+    bucket_ladder,
     bucket_length,
     collate,
     collate_prompts,
@@ -34,7 +35,7 @@ __all__ = [
     "TOFU_SPLITS", "MuseBenchmark", "knowmem_prompt", "load_muse", "muse_benchmark", "load_tofu", "tofu_benchmark",
     "encode_texts",
     "DataError", "DataFileNotFoundError", "PairedIterator", "PromptFormat", "UnlearnBenchmark",
-    "bucket_length", "collate", "collate_prompts", "encode_prompt", "encode_qa", "encode_rows",
+    "bucket_ladder", "bucket_length", "collate", "collate_prompts", "encode_prompt", "encode_qa", "encode_rows",
     "host_slice", "prompt_format_for", "prompt_text", "synthetic_benchmark", "synthetic_tokenizer",
     "target_rows", "to_global",
 ]

@@ -26,7 +26,19 @@ import numpy as np
 from jaxunlearn.data.errors import DataError
 from jaxunlearn.ops import IGNORE
 
-DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+def bucket_ladder(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """The padded lengths every command uses: `smallest` doubling while below max_len, then max_len
+    (bucket_ladder(512) = (64, 128, 256, 512); bucket_ladder(100) = (64, 100))."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (int(max_len),)
+
+
+DEFAULT_BUCKETS: tuple[int, ...] = bucket_ladder(2048, smallest=32)
 _FORGET_STREAM, _RETAIN_STREAM = 1, 2
 
 

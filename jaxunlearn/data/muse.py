@@ -50,6 +50,12 @@ class MuseBenchmark:
     knowmem_retain_icl: list[dict]
     privleak: dict[str, list[str]] = field(default_factory=dict)
 
+    def sizes(self) -> dict[str, int]:
+        """Row count of every split (PrivLeak texts as privleak_NAME)."""
+        out = {k: len(v) for k, v in vars(self).items() if isinstance(v, list)}
+        out.update({f"privleak_{k}": len(v) for k, v in self.privleak.items()})
+        return out
+
 
 def _hub_repo(corpus: str, source: str | None) -> str:
     if source is not None:

@@ -1,14 +1,16 @@
 """`jaxunlearn eval`: TOFU (or MUSE) evaluation of a run directory or a Hugging Face folder.
 
-    jaxunlearn eval RUN [--which result reference trained forget sweep] [--alpha A ...] [--out DIR]
+    jaxunlearn eval RUN [data.KEY=VALUE ...] [--which result reference trained forget sweep] [--alpha A ...] [--out DIR]
     jaxunlearn eval HF_FOLDER --benchmark tofu --data-source DIR [--forget-split forget10] --out DIR
     jaxunlearn eval HF_FOLDER --benchmark muse --data-source DIR [--retrain-auc X] --out DIR
 
-A run directory (RUN/config.yaml, see jaxunlearn.checkpoint) brings its own benchmark, tokenizer and
-prompt format; `--which result` (the default) evaluates the run's result model (RUN/result.json:
+A run directory (RUN/config.yaml, see jaxunlearn.checkpoint) brings its own tokenizer and data
+settings (benchmark, split, prompt format, max_len, buckets; the data options only override them); `--which result` (the default) evaluates the run's result model (RUN/result.json:
 the trained model of a gradient method, the forget model of MOX / task vector) labelled with the
 method's name; `--which sweep` evaluates every forget model in RUN/forget (an alpha sweep). An HF
-folder is loaded with jaxunlearn.models.load_hf and its own tokenizer (or --tokenizer).
+folder is loaded with jaxunlearn.models.load_hf and its own tokenizer (or --tokenizer), with the data
+settings export-hf recorded in it (else TOFU, max_len 512). The benchmark's loader, evaluation and
+report columns come from its entry in jaxunlearn.data.benchmarks.
 
 Writes, per evaluated model LABEL: OUT/LABEL.summary.json and OUT/LABEL.per_sample.json; then
 OUT/results.md (a markdown table of every summary in OUT), OUT/tradeoff.png (forget quality vs model
@@ -32,27 +34,31 @@ from jaxunlearn.evals.tofu import EvalError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxunlearn eval", description="evaluate a run directory or an HF folder")
     p.add_argument("target", help="run directory (with config.yaml) or Hugging Face model folder")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
+                   help="override the run's (or the export record's) data settings, as in the run config")
     p.add_argument("--which", nargs="+", default=["result"],
                    help="for a run: any of result (the method's result model, default), reference, trained "
                         "(memorized), forget, sweep (every alpha in RUN/forget)")
     p.add_argument("--alpha", type=float, nargs="+", help="for --which forget: alphas (default: the run's method.alpha)")
     p.add_argument("--step", type=int, help="for --which memorized: the step (default: latest)")
-    p.add_argument("--benchmark", choices=["tofu", "synthetic", "muse"], help="for an HF folder (default tofu)")
-    p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the hub")
-    p.add_argument("--forget-split", help="TOFU forget split (HF folder: default the one recorded by export-hf, "
+    p.add_argument("--benchmark", help="a registered benchmark (jaxunlearn.data.benchmarks: synthetic, tofu, muse); "
+                                       "HF folder: default the one recorded by export-hf, else tofu")
+    p.add_argument("--data-source", help="local data folder (TOFU JSONL or MUSE layout); default: the run's, else the hub")
+    p.add_argument("--forget-split", help="forget split (default: the run's, or the one recorded by export-hf, "
                                           "else forget10)")
-    p.add_argument("--synthetic-seed", type=int, help="(HF folder: default recorded by export-hf, else 0)")
-    p.add_argument("--synthetic-entities", type=int, help="(HF folder: default recorded by export-hf, else 40)")
-    p.add_argument("--muse-corpus", default="news")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's folder)")
-    p.add_argument("--prompt-format", help="qa, llama2-chat or chat (default: from the tokenizer)")
+    p.add_argument("--synthetic-seed", type=int, help="(default: the run's, or recorded by export-hf, else 0)")
+    p.add_argument("--synthetic-entities", type=int, help="(default: the run's, or recorded by export-hf, else 20)")
+    p.add_argument("--muse-corpus", help="news or books (default: the run's, else news)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's, or the model's folder)")
+    p.add_argument("--prompt-format", help="qa, llama2-chat or chat (default: the run's, else from the tokenizer)")
     p.add_argument("--retain-results", help="retain model's per-sample JSON (enables forget quality)")
     p.add_argument("--retrain-auc", type=float,
                    help="MUSE: a retrained model's Min-K%% forget-vs-holdout AUC in MUSE's convention (its "
                         "summary's privleak_auc); default: MUSE's published value (news 0.4772, books 0.5393)")
     p.add_argument("--out", help="output folder (default RUN/eval for a run; required for an HF folder)")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--max-len", type=int, help="longest scored sequence (default: the run's data.max_len; HF "
+                                               "folder: recorded by export-hf, else 512)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mesh-data", type=int, default=-1, help="data-parallel mesh size (-1: all devices)")
     p.add_argument("--no-mia", action="store_true", help="skip the forget-vs-holdout MIA AUCs")
@@ -60,12 +66,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _buckets(max_len: int) -> tuple[int, ...]:
-    out, b = [], 64
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (max_len,)
+# eval option -> the DataSpec field it overrides
+DATA_FLAGS = (("benchmark", "benchmark"), ("data_source", "source"), ("forget_split", "forget_split"),
+              ("synthetic_seed", "synthetic_seed"), ("synthetic_entities", "synthetic_entities"),
+              ("muse_corpus", "corpus"), ("tokenizer", "tokenizer"), ("prompt_format", "prompt_format"),
+              ("max_len", "max_len"))
+# DataSpec fields that decide which rows are evaluated: an option that differs from the export record is warned about
+BENCHMARK_FIELDS = ("benchmark", "forget_split", "synthetic_seed", "synthetic_entities", "corpus")
+HF_MAX_LEN = 512  # an HF folder's max_len when neither --max-len nor an export record gives one
+
+
+def data_spec(args, base):
+    """`base` (a DataSpec: the run's data settings) with the data options and `data.KEY=VALUE`
+    overrides given on the command line (the options win); a max_len changed without buckets gets
+    the doubling bucket ladder of data.batching.bucket_ladder."""
+    from jaxunlearn.config import ConfigError, from_dict, parse_override, to_dict
+    from jaxunlearn.data.batching import bucket_ladder
+
+    data = to_dict(base)
+    for text in getattr(args, "overrides", None) or ():
+        path, value = parse_override(text)
+        if path[0] != "data" or len(path) != 2:
+            raise ConfigError(f"override {text!r}: eval takes data.KEY=VALUE overrides only")
+        data[path[1]] = value
+    data.update({field: getattr(args, flag) for flag, field in DATA_FLAGS if getattr(args, flag) is not None})
+    if data["max_len"] != base.max_len and data["buckets"] == list(base.buckets):
+        data["buckets"] = list(bucket_ladder(data["max_len"]))
+    return from_dict({"data": data}, where="eval").data
 
 
 def _write(out: pathlib.Path, label: str, summary: dict, per_sample: dict) -> None:
@@ -75,16 +102,13 @@ def _write(out: pathlib.Path, label: str, summary: dict, per_sample: dict) -> No
     print(f"wrote {out / (label + '.summary.json')}")
 
 
-def _evaluate(ev, bench, args, label: str, extra: dict | None = None) -> dict:
-    if args.benchmark == "muse":
-        from jaxunlearn.evals.muse import evaluate_muse
+def _evaluate(ev, bench, spec, args, label: str, extra: dict | None = None) -> dict:
+    from jaxunlearn.config import to_dict
+    from jaxunlearn.data.benchmarks import get_benchmark
 
-        summary, per_sample = evaluate_muse(ev, bench, retrain_auc=args.retrain_auc, model_name=label)
-    else:
-        from jaxunlearn.evals.tofu import benchmark_identity, evaluate_tofu, load_forget_ratios
-
-        retain = load_forget_ratios(args.retain_results, benchmark_identity(bench)) if args.retain_results else None
-        summary, per_sample = evaluate_tofu(ev, bench, retain, args.max_new_tokens, label, with_mia=not args.no_mia)
+    summary, per_sample = get_benchmark(spec.benchmark).evaluation()(ev, bench, args, label)
+    summary["benchmark_kind"] = spec.benchmark  # the registry name: write_reports picks its table columns by it
+    summary["data"] = to_dict(spec)  # the data settings evaluated with (the run's, with the options given)
     summary.update(extra or {})
     _write(pathlib.Path(args.out), label, summary, per_sample)
     return summary
@@ -93,7 +117,7 @@ def _evaluate(ev, bench, args, label: str, extra: dict | None = None) -> dict:
 def _hf_target(args) -> list[tuple[str, str, dict]]:
     from transformers import AutoTokenizer
 
-    from jaxunlearn import data
+    from jaxunlearn import data, rundir
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.models import load_hf, split_params
     from jaxunlearn.sharding import make_mesh
@@ -101,20 +125,13 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
     folder = pathlib.Path(args.target)
     if args.out is None:
         raise EvalError("--out is required when evaluating a Hugging Face folder")
-    _benchmark_from_export(args, folder)
-    if args.benchmark == "tofu":
-        bench = data.tofu_benchmark(args.forget_split, source=args.data_source)
-    elif args.benchmark == "synthetic":  # built as a training run builds it (forget split -> forget authors)
-        from jaxunlearn.config import DataSpec
-        from jaxunlearn.rundir import load_benchmark
+    spec = data_spec(args, _export_data_spec(args, folder))
+    bench = rundir.load_benchmark(spec, "eval")
+    tok_dir = pathlib.Path(spec.tokenizer or folder)
+    if spec.tokenizer is None and not (tok_dir / "tokenizer.json").exists():  # the built-in tokenizer
+        from jaxunlearn.data.benchmarks import get_benchmark
 
-        bench = load_benchmark(DataSpec(benchmark="synthetic", forget_split=args.forget_split,
-                                        synthetic_seed=args.synthetic_seed, synthetic_entities=args.synthetic_entities))
-    else:
-        bench = data.muse_benchmark(args.muse_corpus, source=args.data_source)
-    tok_dir = pathlib.Path(args.tokenizer or folder)
-    if args.benchmark == "synthetic" and args.tokenizer is None and not (tok_dir / "tokenizer.json").exists():
-        tok = data.synthetic_tokenizer(bench)
+        tok = data.synthetic_tokenizer(rundir.load_benchmark(get_benchmark(spec.benchmark).tokenizer_spec(spec)))
     else:
         if not tok_dir.is_dir():
             raise EvalError(f"tokenizer folder not found: {tok_dir}")
@@ -126,33 +143,32 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
         raise EvalError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}; pass the model's own tokenizer (--tokenizer)")
     graphdef, params = split_params(model)
-    fmt = data.prompt_format_for(tok, args.prompt_format)
+    fmt = data.prompt_format_for(tok, spec.prompt_format)
     ev = Evaluator.create(graphdef, params, model.config, tok, fmt, mesh=make_mesh(data=args.mesh_data),
-                          batch_size=args.batch_size, buckets=_buckets(args.max_len), max_len=args.max_len)
+                          batch_size=args.batch_size, buckets=spec.buckets, max_len=spec.max_len)
     label = args.label or folder.name
-    return [(label, "hf", _evaluate(ev, bench, args, label))]
+    return [(label, "hf", _evaluate(ev, bench, spec, args, label))]
 
 
-# HF-folder benchmark options, the DataSpec field each matches, and the default without an export record
-_EXPORT_DATA_ARGS = (("benchmark", "benchmark", "tofu"), ("forget_split", "forget_split", "forget10"),
-                     ("synthetic_seed", "synthetic_seed", 0), ("synthetic_entities", "synthetic_entities", 40))
-
-
-def _benchmark_from_export(args, folder: pathlib.Path) -> None:
-    """Fill unset benchmark options from the data settings `export-hf` recorded in the folder; warn
-    when a given option differs from them (the numbers then do not describe the run's benchmark)."""
+def _export_data_spec(args, folder: pathlib.Path):
+    """The data settings `export-hf` recorded in the folder (defaults: benchmark tofu, max_len 512 and
+    DataSpec's); warns when a given option differs from them (the numbers then do not describe the
+    run's benchmark)."""
+    from jaxunlearn.config import DataSpec, from_dict
+    from jaxunlearn.data.batching import bucket_ladder
     from jaxunlearn.models.hf import EXPORT_MARKER
 
     record = {}
     if (folder / EXPORT_MARKER).is_file():
         record = (json.loads((folder / EXPORT_MARKER).read_text()) or {}).get("data") or {}
-    for arg, key, default in _EXPORT_DATA_ARGS:
-        given, recorded = getattr(args, arg), record.get(key)
-        if given is None:
-            setattr(args, arg, recorded if recorded is not None else default)
-        elif recorded is not None and given != recorded:
-            print(f"jaxunlearn eval: warning: --{arg.replace('_', '-')} {given} differs from the {recorded} this model "
+    if not record:
+        return DataSpec(benchmark="tofu", max_len=HF_MAX_LEN, buckets=bucket_ladder(HF_MAX_LEN))
+    for flag, field in DATA_FLAGS:
+        given, recorded = getattr(args, flag), record.get(field)
+        if given is not None and recorded is not None and given != recorded and field in BENCHMARK_FIELDS:
+            print(f"jaxunlearn eval: warning: --{flag.replace('_', '-')} {given} differs from the {recorded} this model "
                   f"was trained with ({folder / EXPORT_MARKER}); results are not comparable with the run's", file=sys.stderr)
+    return from_dict({"data": record}, where=str(folder / EXPORT_MARKER)).data
 
 
 def _run_models(run: pathlib.Path, args, cfg) -> list[tuple[str, dict]]:
@@ -196,10 +212,10 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
     run = pathlib.Path(args.target)
     cfg, _ = rundir.run_setup(run)
     args.out = args.out or str(run / "eval")
-    args.benchmark = args.benchmark or cfg.data.benchmark
-    bench = rundir.load_benchmark(cfg.data)
+    spec = data_spec(args, cfg.data)  # the run's data settings; options given override them
+    bench = rundir.load_benchmark(spec, "eval")
     tok = rundir.run_tokenizer(run)
-    fmt = data.prompt_format_for(tok, args.prompt_format or cfg.data.prompt_format)
+    fmt = data.prompt_format_for(tok, spec.prompt_format)
     mesh = make_mesh(data=args.mesh_data)
     results, ev = [], None
     for label, kw in _run_models(run, args, cfg):
@@ -207,12 +223,12 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
         if ev is None:
             shards = batch_shards(mesh)
             ev = Evaluator(setup.graphdef, params, setup.model_cfg, tok, fmt,
-                           batch_size=-(-args.batch_size // shards) * shards, buckets=_buckets(args.max_len),
-                           max_len=args.max_len, param_shardings=setup.shardings, batch_sharding=batch_sharding(mesh))
+                           batch_size=-(-args.batch_size // shards) * shards, buckets=spec.buckets,
+                           max_len=spec.max_len, param_shardings=setup.shardings, batch_sharding=batch_sharding(mesh))
         else:
             ev = ev.with_params(params)
         info = {"dir": str(run), "method": cfg.method.name, **{k: v for k, v in kw.items() if v is not None}}
-        summary = _evaluate(ev, bench, args, label, {"run": info})
+        summary = _evaluate(ev, bench, spec, args, label, {"run": info})
         results.append((label, cfg.method.name, summary))
     from jaxunlearn.evals.report import plot_training
 
@@ -221,25 +237,32 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
 
 
 def write_reports(out: pathlib.Path) -> None:
-    """results.md and tradeoff.png from every *.summary.json in out."""
+    """results.md (one table per benchmark kind, with the columns its registry entry names) and
+    tradeoff.png (models with a model utility) from every *.summary.json in out."""
+    from jaxunlearn.data.benchmarks import BENCHMARKS
     from jaxunlearn.evals.report import markdown_table, plot_tradeoff, sort_key
 
     rows = [(f.name[: -len(".summary.json")], json.loads(f.read_text())) for f in out.glob("*.summary.json")]
     rows.sort(key=lambda row: sort_key(*row))
-    if not rows:
+    by_kind: dict[str, list] = {}
+    for label, s in rows:  # summaries written before benchmark_kind existed: TOFU-shaped ones have "forget"
+        kind = s.get("benchmark_kind") or ("tofu" if "forget" in s else None)
+        if kind in BENCHMARKS:
+            by_kind.setdefault(kind, []).append((label, s))
+    if not by_kind:
         return
-    tofu_rows = [(label, s) for label, s in rows if "forget" in s]
-    if tofu_rows:
-        (out / "results.md").write_text(markdown_table(tofu_rows))
-        points = [{"label": label, "method": (s.get("run") or {}).get("method", ""), "summary": s}
-                  for label, s in tofu_rows if s.get("model_utility") is not None]
-        if points:
-            plot_tradeoff(points, out / "tradeoff.png")
-        print(f"wrote {out / 'results.md'}")
+    tables = [(kind, markdown_table(kind_rows, BENCHMARKS[kind].columns)) for kind, kind_rows in by_kind.items()]
+    text = tables[0][1] if len(tables) == 1 else "\n".join(f"## {kind}\n\n{table}" for kind, table in tables)
+    (out / "results.md").write_text(text)
+    points = [{"label": label, "method": (s.get("run") or {}).get("method", ""), "summary": s}
+              for label, s in rows if s.get("model_utility") is not None]
+    if points:
+        plot_tradeoff(points, out / "tradeoff.png")
+    print(f"wrote {out / 'results.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     target = pathlib.Path(args.target)
     if (target / "config.yaml").is_file():
         results = _run_target(args)

@@ -18,11 +18,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from jaxunlearn.data.batching import bucket_ladder
 from jaxunlearn.evals import generate as gen_mod
 from jaxunlearn.evals.scoring import SampleScore, make_score_fn, score_examples
 from jaxunlearn.ops import IGNORE
 
-DEFAULT_EVAL_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+DEFAULT_EVAL_BUCKETS = bucket_ladder(2048)
 
 
 @dataclass

@@ -106,3 +106,9 @@ def evaluate_muse(ev, bench, retrain_auc: float | None = None, model_name: str =
         summary["privleak_max_tokens"] = PRIVLEAK_MAX_TOKENS
         summary["sizes"]["privleak_forget"], summary["sizes"]["privleak_holdout"] = len(forget), len(holdout)
     return summary, per_sample
+
+
+def evaluate_for_cli(ev, bench, options, label: str) -> tuple[dict, dict]:
+    """The MUSE evaluation as registered in jaxunlearn.data.benchmarks: options.retrain_auc (PrivLeak's
+    retrained-model AUC; None = MUSE's published value)."""
+    return evaluate_muse(ev, bench, retrain_auc=options.retrain_auc, model_name=label)

@@ -6,18 +6,7 @@ import math
 import pathlib
 from typing import Any, Mapping, Sequence
 
-# (column title, path into a TOFU summary)
-TOFU_COLUMNS = (
-    ("FQ", ("forget_quality",)),
-    ("MU", ("model_utility",)),
-    ("forget ROUGE", ("forget", "rouge")),
-    ("forget prob", ("forget", "prob")),
-    ("forget TR", ("forget", "truth_ratio")),
-    ("forget ES", ("forget", "extraction_strength")),
-    ("retain ROUGE", ("retain", "rouge")),
-    ("retain prob", ("retain", "prob")),
-    ("MIA Min-K++ AUC", ("mia", "min_k_pp_auc")),
-)
+from jaxunlearn.data.benchmarks import TOFU_COLUMNS  # (column title, path into a TOFU summary)
 
 
 def lookup(summary: Mapping, path: Sequence[str]) -> Any:

@@ -195,3 +195,10 @@ def load_forget_ratios(path: str | pathlib.Path, identity: dict | None = None) -
         raise EvalError(f"{p}: retain-model results are for {_describe(theirs)}, "
                         f"but this evaluation is on {_describe(identity)}")
     return ratios
+
+
+def evaluate_for_cli(ev, bench, options, label: str) -> tuple[dict, dict]:
+    """The TOFU-style evaluation as registered in jaxunlearn.data.benchmarks: options.retain_results (a
+    retain model's per-sample file, for forget quality), options.max_new_tokens, options.no_mia."""
+    retain = load_forget_ratios(options.retain_results, benchmark_identity(bench)) if options.retain_results else None
+    return evaluate_tofu(ev, bench, retain, options.max_new_tokens, label, with_mia=not options.no_mia)

@@ -12,8 +12,7 @@ from jaxunlearn.objectives.registry import (
     Objective,
     UnknownObjectiveError,
     get_objective,
-    objective_from_spec,
     register,
 )
 
-__all__ = ["OBJECTIVES", "Objective", "UnknownObjectiveError", "get_objective", "objective_from_spec", "register"]
+__all__ = ["OBJECTIVES", "Objective", "UnknownObjectiveError", "get_objective", "register"]

@@ -52,12 +52,3 @@ def get_objective(name: str, **hparams) -> Objective:
     if extra:
         raise UnknownObjectiveError(f"objective {name!r} does not take {extra} (takes: {sorted(accepted)})")
     return factory(**hparams)
-
-
-def objective_from_spec(spec) -> Objective:
-    """Build `spec.objective` passing the fields of `spec` (e.g. a MoxSpec) that its factory takes."""
-    if spec.objective not in OBJECTIVES:
-        raise UnknownObjectiveError(f"unknown objective {spec.objective!r} (known: {', '.join(sorted(OBJECTIVES))})")
-    accepted = inspect.signature(OBJECTIVES[spec.objective]).parameters
-    # MoxSpec.alpha is MOX's extrapolation coefficient, never the retain weight the baselines call alpha
-    return get_objective(spec.objective, **{k: getattr(spec, k) for k in accepted if hasattr(spec, k) and k != "alpha"})
