@@ -726,11 +726,11 @@ def test_exported_folder_is_evaluated_on_the_recorded_benchmark(run, tmp_path, c
     out = tmp_path / "hf"
     assert call(capsys, "export-hf", "--run", run, "--out", out)[0] == 0
     args = eval_cli._parser().parse_args([str(out), "--out", str(tmp_path / "ev")])
-    eval_cli._benchmark_from_export(args, out)
-    assert (args.benchmark, args.synthetic_entities, args.synthetic_seed) == ("synthetic", 6, 0)
+    spec = eval_cli.data_spec(args, eval_cli._export_data_spec(args, out))
+    assert (spec.benchmark, spec.synthetic_entities, spec.synthetic_seed) == ("synthetic", 6, 0)
     assert capsys.readouterr().err == ""
     args = eval_cli._parser().parse_args([str(out), "--synthetic-entities", "40", "--out", str(tmp_path / "ev")])
-    eval_cli._benchmark_from_export(args, out)
+    eval_cli._export_data_spec(args, out)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     one_line(err, "--synthetic-entities 40 differs from the 6")
 
