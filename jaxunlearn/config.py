@@ -274,8 +274,9 @@ def _validate(cfg, where: str) -> None:
     if isinstance(cfg, ModelSpec) and cfg.reference_dtype not in (None, *REFERENCE_DTYPES):
         raise ConfigError(f"{where}.reference_dtype: expected null or one of {'|'.join(REFERENCE_DTYPES)}, "
                           f"got {cfg.reference_dtype!r}")
-    if isinstance(cfg, RunConfig) and cfg.mox.momentum and cfg.model.reference_dtype not in (None, cfg.model.param_dtype):
-        raise ConfigError(f"{where}.model.reference_dtype: mox.momentum blends the reference into the forget model "
+    momentum = isinstance(cfg, RunConfig) and getattr(cfg.method.params, "momentum", False)
+    if momentum and cfg.model.reference_dtype not in (None, cfg.model.param_dtype):
+        raise ConfigError(f"{where}.model.reference_dtype: method.momentum blends the reference into the forget model "
                           f"at full precision; leave reference_dtype null or equal to param_dtype with momentum")
     if isinstance(cfg, ModelSpec):
         from jaxunlearn.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES

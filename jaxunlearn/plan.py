@@ -62,7 +62,7 @@ def model_config(spec: PlanSpec):
 
 
 def run_config(spec: PlanSpec):
-    """The RunConfig sections the step depends on (model dtypes, mesh, loss chunk, objective)."""
+    """The RunConfig sections the step depends on (model dtypes, mesh, loss chunk)."""
     from jaxunlearn.config import from_dict
 
     return from_dict({
@@ -70,7 +70,6 @@ def run_config(spec: PlanSpec):
                   "remat": spec.remat, "scan_layers": spec.scan_layers},
         "mesh": {"data": spec.data, "fsdp": spec.fsdp, "tensor": spec.tensor},
         "train": {"loss_chunk": spec.loss_chunk, "batch_size": max(spec.forget, spec.retain, 1)},
-        "mox": {"objective": spec.objective},
     }, where="plan")
 
 
@@ -125,7 +124,7 @@ def plan(spec: PlanSpec) -> dict:
     from jaxunlearn import checkpoint as ck
     from jaxunlearn import optim, rundir, runner, train
     from jaxunlearn.models import param_count
-    from jaxunlearn.objectives import objective_from_spec
+    from jaxunlearn.objectives import get_objective
     from jaxunlearn.objectives.common import with_loss_chunk
 
     cfg = run_config(spec)
@@ -137,7 +136,7 @@ def plan(spec: PlanSpec) -> dict:
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
     opt_abstract = ck.abstract_tree(jax.eval_shape(optimizer.init, setup.abstract), opt_shardings)
     apply = with_loss_chunk(setup.apply, cfg.train.loss_chunk)
-    step = train.make_train_step(objective_from_spec(cfg.mox), apply, optimizer, setup.mesh, setup.shardings,
+    step = train.make_train_step(get_objective(spec.objective), apply, optimizer, setup.mesh, setup.shardings,
                                  opt_shardings, schedule=schedule)
     batch = abstract_batch(spec, setup.mesh)
 
@@ -200,9 +199,17 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def backend_started() -> bool:
+    """Whether JAX has created its devices (after which XLA_FLAGS no longer apply)."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
 def simulate_devices(n: int) -> None:
-    """Make JAX (not yet started) see `n` CPU devices; if it already runs, require enough devices."""
-    if "jax" in sys.modules:
+    """Make JAX (its backend not yet started) see `n` CPU devices; if it already runs, require enough
+    devices. Importing JAX does not start it (the CLI imports it to check for a multi-process run)."""
+    if "jax" in sys.modules and backend_started():
         import jax
 
         if jax.device_count() < n:
