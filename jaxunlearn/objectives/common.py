@@ -128,8 +128,14 @@ def with_loss_chunk(apply, loss_chunk: int):
 def label_logp(logits: jax.Array, ref_logits, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """TokenFn: log p(target) under `logits`, 0 where the target is not scored."""
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return (picked - logz) * mask
+    return (picked_logit(logits, targets) - logz) * mask
+
+
+def picked_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits[..., targets] as a masked sum over the vocabulary (elementwise and a reduction, so that
+    vocab-sharded logits are reduced where they lie instead of being gathered for an indexed read)."""
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    return jnp.where(hit, logits, 0.0).sum(-1)
 
 
 def kl_to_model(logits: jax.Array, ref_logits: jax.Array, targets, mask) -> jax.Array:
