@@ -4,6 +4,7 @@ Mesh axes are ("data", "fsdp", "tensor"):
   data    pure data parallelism (parameters replicated across it)
   fsdp    data parallelism with parameters sharded along their "embed" dimension
   tensor  model parallelism over the wide dimensions (mlp, heads, kv_heads, vocab)
+The vocabulary dimension (embedding table, LM head, logits) is split over fsdp x tensor (FIRST_AXES).
 
 The mesh uses `AxisType.Auto` on every axis: shardings are stated at the jit boundary
 (in_shardings / out_shardings) and XLA propagates them inside, which is what a
@@ -18,7 +19,7 @@ Stacked layer parameters carry the logical axis "layers" first; it is never shar
 
 Batches are sharded over ("data", "fsdp") on their leading dimension. Inside the model,
 `constrain` pins activations by `ACTIVATION_RULES` (batch over ("data", "fsdp"), hidden features
-replicated, heads/mlp/vocab over "tensor") against the mesh of the tracing context, which
+replicated, heads/mlp over "tensor"; logits vocab-sharded over fsdp x tensor, batch over "data") against the mesh of the tracing context, which
 `mesh_context(mesh)` sets (models.make_apply(graphdef, mesh) does); with no mesh set it does
 nothing, so the model also runs unsharded (tests, generation).
 

@@ -313,7 +313,7 @@ def test_run_config_model_options_reach_the_model():
     """model.scan_layers / remat / attention from a run config (with overrides) build the model that runs;
     a bad name is one ConfigError line listing the names."""
     from jaxunlearn.config import ConfigError, apply_overrides, from_dict
-    from jaxunlearn.runner import model_setup
+    from jaxunlearn.rundir import model_setup
     from jaxunlearn.sharding import make_mesh
 
     cfg = apply_overrides(from_dict({}), ["model.remat=save_qkv_proj", "model.scan_layers=false"])
