@@ -199,9 +199,17 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def backend_started() -> bool:
+    """Whether JAX has created its devices (after which XLA_FLAGS no longer apply)."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
 def simulate_devices(n: int) -> None:
-    """Make JAX (not yet started) see `n` CPU devices; if it already runs, require enough devices."""
-    if "jax" in sys.modules:
+    """Make JAX (its backend not yet started) see `n` CPU devices; if it already runs, require enough
+    devices. Importing JAX does not start it (the CLI imports it to check for a multi-process run)."""
+    if "jax" in sys.modules and backend_started():
         import jax
 
         if jax.device_count() < n:

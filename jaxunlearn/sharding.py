@@ -4,6 +4,7 @@ Mesh axes are ("data", "fsdp", "tensor"):
   data    pure data parallelism (parameters replicated across it)
   fsdp    data parallelism with parameters sharded along their "embed" dimension
   tensor  model parallelism over the wide dimensions (mlp, heads, kv_heads, vocab)
+The vocabulary dimension (embedding table, LM head, logits) is split over fsdp x tensor (FIRST_AXES).
 
 The mesh uses `AxisType.Auto` on every axis: shardings are stated at the jit boundary
 (in_shardings / out_shardings) and XLA propagates them inside, which is what a
@@ -18,7 +19,7 @@ Stacked layer parameters carry the logical axis "layers" first; it is never shar
 
 Batches are sharded over ("data", "fsdp") on their leading dimension. Inside the model,
 `constrain` pins activations by `ACTIVATION_RULES` (batch over ("data", "fsdp"), hidden features
-replicated, heads/mlp/vocab over "tensor") against the mesh of the tracing context, which
+replicated, heads/mlp over "tensor"; logits vocab-sharded over fsdp x tensor, batch over "data") against the mesh of the tracing context, which
 `mesh_context(mesh)` sets (models.make_apply(graphdef, mesh) does); with no mesh set it does
 nothing, so the model also runs unsharded (tests, generation).
 
@@ -40,22 +41,28 @@ from jaxunlearn.errors import JaxunlearnError
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-LOGICAL_RULES: dict[str, str | None] = {
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "embed": "fsdp",
-    "vocab": "tensor",
+    "vocab": ("fsdp", "tensor"),
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
 }
 
+# The vocabulary dimension (embedding table, LM head, logits) is split over fsdp x tensor and claims
+# those axes first: the vocabulary matrices stay vocab-sharded (never all-gathered), the head runs
+# vocabulary-parallel (its hidden-state input gathered over fsdp, its logits and weight gradient
+# vocab-sharded) and logits are batch-sharded over "data" only. Not divisible: the usual rules apply.
+FIRST_AXES = ("vocab",)
+
 # activations: a rule may name several mesh axes (a tuple), split over together
 ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "length": None,
     "act_embed": None,
-    "vocab": "tensor",
+    "vocab": ("fsdp", "tensor"),
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -92,18 +99,18 @@ def logical_to_spec(
     """PartitionSpec for one array from its logical axis names and shape."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match array shape {tuple(shape)}")
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(axes, shape):
+    for name in axes:
         if name is not None and name not in rules:
             raise ValueError(f"unknown logical axis {name!r} (known: {', '.join(sorted(rules))})")
-        rule = rules.get(name) if name is not None else None
+    used: set[str] = set()
+    spec: list = [None] * len(axes)
+    # dimensions named in FIRST_AXES claim their mesh axes before the others, whatever their position
+    for i in sorted(range(len(axes)), key=lambda i: axes[i] not in FIRST_AXES):
+        rule = rules.get(axes[i]) if axes[i] is not None else None
         mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ())
                           if a not in used and mesh.shape[a] > 1)
-        if not mesh_axes or size % int(np.prod([mesh.shape[a] for a in mesh_axes])):
-            spec.append(None)
-        else:
-            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        if mesh_axes and not shape[i] % int(np.prod([mesh.shape[a] for a in mesh_axes])):
+            spec[i] = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
             used.update(mesh_axes)
     return P(*spec)
 

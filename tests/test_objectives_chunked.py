@@ -102,3 +102,15 @@ def test_chunked_on_a_mesh_with_sharded_parameters_equals_full(model):
     np.testing.assert_allclose(loss, full_loss, rtol=1e-5, atol=1e-6)
     for g, fg in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(g, fg, rtol=1e-4, atol=1e-6)
+
+
+def test_mox_joint_pass_with_unequal_lengths_equals_full(model):
+    """MOX runs forget and retain through the layers in one pass (objectives.common.joint_hidden,
+    the shorter batch padded on the right); loss and gradients are those of separate full passes."""
+    apply, params, ref, _ = model
+    batch = {"forget": make_batch(5, B=2, T=11), "retain": make_batch(6, B=4, T=17)}
+    full_loss, full_grads = loss_and_grad("mox", with_loss_chunk(apply, 0), params, ref, batch)
+    loss, grads = loss_and_grad("mox", with_loss_chunk(apply, 4), params, ref, batch)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-5, atol=1e-6)
+    for g, fg in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(g, fg, rtol=1e-4, atol=1e-6)

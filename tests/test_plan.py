@@ -56,7 +56,8 @@ def test_named_shapes_and_errors(tmp_path):
         run_config(PlanSpec(shape="tiny-llama", remat="some"))
     with pytest.raises(ValueError, match="--devices 16: JAX is already running with 8 devices"):
         simulate_devices(16)
-    assert cli.main(["plan", "tiny-llama", "--forget", "3", "--seq-len", "8"]) == 1  # 3 not divisible by 8 (cli.EXIT_ERROR)
+    # an expected error: exit 1 with one line (jaxunlearn.cli's exit convention)
+    assert cli.main(["plan", "tiny-llama", "--forget", "3", "--seq-len", "8"]) == 1  # 3 not divisible by 8
 
 
 def test_analytic_flops_counts_reference_forwards():

@@ -42,7 +42,9 @@ def test_make_mesh_shapes_and_errors():
 
 def test_logical_rules_and_fallback():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    assert logical_to_spec(("vocab", "embed"), (64, 32), mesh) == P("tensor", "fsdp")
+    # the vocabulary dimension claims fsdp x tensor first, wherever it sits (embedding table and LM head)
+    assert logical_to_spec(("vocab", "embed"), (64, 32), mesh) == P(("fsdp", "tensor"), None)
+    assert logical_to_spec(("embed", "vocab"), (32, 64), mesh) == P(None, ("fsdp", "tensor"))
     assert logical_to_spec(("embed", "heads", "head_dim"), (32, 4, 8), mesh) == P("fsdp", "tensor", None)
     # odd sizes are not divisible by 2: replicated on that dimension
     assert logical_to_spec(("vocab", "embed"), (65, 32), mesh) == P(None, "fsdp")
@@ -90,7 +92,8 @@ def test_activation_rules_and_constrain_without_mesh():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     act = ("batch", "length", "act_embed")
     assert logical_to_spec(act, (8, 5, 32), mesh, ACTIVATION_RULES) == P(("data", "fsdp"), None, None)
-    assert logical_to_spec(("batch", "length", "vocab"), (8, 5, 64), mesh, ACTIVATION_RULES) == P(("data", "fsdp"), None, "tensor")
+    # logits: vocabulary-parallel over fsdp x tensor, the batch over data only
+    assert logical_to_spec(("batch", "length", "vocab"), (8, 5, 64), mesh, ACTIVATION_RULES) == P("data", None, ("fsdp", "tensor"))
     # a batch not divisible by data*fsdp stays replicated; size-1 axes drop out of the tuple
     assert logical_to_spec(act, (6, 5, 32), mesh, ACTIVATION_RULES) == P(None, None, None)
     assert logical_to_spec(act, (6, 5, 32), make_mesh(data=2, fsdp=1, tensor=4), ACTIVATION_RULES) == P("data", None, None)

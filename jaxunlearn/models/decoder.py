@@ -454,8 +454,9 @@ class CausalLM(nnx.Module):
             raise ValueError(f"num_layers must be in [0, {cfg.num_layers}], got {num_layers}")
         if cache is not None and n != cfg.num_layers:
             raise ValueError("a KV cache needs every layer (num_layers=None)")
-        # gather from the table all-gathered over its fsdp-sharded feature axis (as FSDP does for every
-        # weight), so that the lookup and its gradient stay batch-sharded like the activations
+        # the table as its logical axes say: vocab-sharded over fsdp x tensor where the vocabulary divides
+        # (each device looks up its rows, never the whole table), else its features gathered (as FSDP does
+        # for every weight); either way the lookup and its gradient stay batch-sharded like the activations
         table = constrain(self.embed_tokens.embedding[...], ("vocab", "act_embed"))
         x = constrain(jnp.take(table, input_ids, axis=0).astype(self.dtype), ACT_EMBED)
         cos, sin = rope_tables(cfg, positions)

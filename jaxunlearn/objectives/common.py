@@ -28,15 +28,17 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxunlearn import ops
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.sharding import batch_shards
 
 # fn(logits [B, C, V] f32, ref_logits [B, C, V] f32 or None, targets [B, C] int, mask [B, C] f32) -> [B, C]
 TokenFn = Callable[[jax.Array, "jax.Array | None", jax.Array, jax.Array], jax.Array]
 
 
-def per_token(apply, params, data, fn: TokenFn, ref_params=None) -> jax.Array:
+def per_token(apply, params, data, fn: TokenFn, ref_params=None, hidden=None) -> jax.Array:
     """Values [B, T-1] of `fn` at every next-token position of one batch dict.
 
     fn receives float32 logits at positions 0..T-2 (`ref_logits` the frozen reference's, under
@@ -48,14 +50,48 @@ def per_token(apply, params, data, fn: TokenFn, ref_params=None) -> jax.Array:
     chunk of `loss_chunk` positions at a time under jax.checkpoint, so at most one chunk of
     float32 [B, loss_chunk, V] logits (per model) is alive, in the forward and the backward pass.
     Otherwise (a plain apply function, chunking off, or a short sequence) the full logits are built.
+    `hidden`: the model's hidden states of `data`, already computed (see `joint_hidden`).
     """
     ids, mask = data["input_ids"], data["attention_mask"]
-    size = loss_chunk_of(apply)
-    if size <= 0 or size >= ids.shape[1] - 1 or not hasattr(apply, "hidden"):
+    if hidden is None and not chunks_losses(apply, ids.shape[1]):
         return _per_token_full(apply, params, data, fn, ref_params)
-    h = apply.hidden(params, ids, mask)
+    h = apply.hidden(params, ids, mask) if hidden is None else hidden
     ref_h = None if ref_params is None else jax.lax.stop_gradient(apply.hidden(ref_params, ids, mask))
-    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, size)
+    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, loss_chunk_of(apply))
+
+
+def chunks_losses(apply, length: int) -> bool:
+    """Whether per_token computes sequences of `length` tokens in chunks (from hidden states)."""
+    size = loss_chunk_of(apply)
+    return 0 < size < length - 1 and hasattr(apply, "hidden")
+
+
+def joint_hidden(apply, params, datas) -> list[jax.Array] | None:
+    """Hidden states of several batch dicts from ONE pass of the model (rows padded on the right to
+    the longest sequence, which changes no earlier position), so that the backward pass runs the
+    layers once and builds one parameter gradient instead of one per batch (each a full-size fp32
+    copy of the stacked layers). Rows are grouped per batch shard (every shard holds its own rows of
+    each batch, nothing moves between devices). None when per_token would not chunk (then each
+    batch takes its own pass) or a batch does not split over the shards."""
+    length = max(d["input_ids"].shape[1] for d in datas)
+    if not all(chunks_losses(apply, d["input_ids"].shape[1]) for d in datas):
+        return None
+    mesh = getattr(apply, "mesh", None)
+    n = 1 if mesh is None else batch_shards(mesh)
+    sizes = [d["input_ids"].shape[0] for d in datas]
+    if any(b % n for b in sizes):
+        return None
+
+    def joined(key):
+        parts = [jnp.pad(d[key], ((0, 0), (0, length - d[key].shape[1]))) for d in datas]
+        parts = [x.reshape(n, x.shape[0] // n, length) for x in parts]
+        return jnp.concatenate(parts, axis=1).reshape(-1, length)
+
+    h = apply.hidden(params, joined("input_ids"), joined("attention_mask"))
+    h = h.reshape(n, -1, *h.shape[1:])
+    bounds = np.cumsum([0] + [b // n for b in sizes])
+    return [h[:, lo:hi, : d["input_ids"].shape[1]].reshape(-1, d["input_ids"].shape[1], h.shape[-1])
+            for lo, hi, d in zip(bounds[:-1], bounds[1:], datas)]
 
 
 def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
@@ -128,8 +164,14 @@ def with_loss_chunk(apply, loss_chunk: int):
 def label_logp(logits: jax.Array, ref_logits, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """TokenFn: log p(target) under `logits`, 0 where the target is not scored."""
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return (picked - logz) * mask
+    return (picked_logit(logits, targets) - logz) * mask
+
+
+def picked_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits[..., targets] as a masked sum over the vocabulary (elementwise and a reduction, so that
+    vocab-sharded logits are reduced where they lie instead of being gathered for an indexed read)."""
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    return jnp.where(hit, logits, 0.0).sum(-1)
 
 
 def kl_to_model(logits: jax.Array, ref_logits: jax.Array, targets, mask) -> jax.Array:
@@ -149,9 +191,9 @@ def next_real_mask(data) -> jax.Array:
     return (data["attention_mask"][:, 1:] > 0).astype(jnp.float32)
 
 
-def token_logps(apply, params, data) -> tuple[jax.Array, jax.Array]:
+def token_logps(apply, params, data, hidden=None) -> tuple[jax.Array, jax.Array]:
     """(log p(label) [B, T-1], scored mask [B, T-1]) of the model `params`."""
-    return per_token(apply, params, data, label_logp), label_mask(data)
+    return per_token(apply, params, data, label_logp, hidden=hidden), label_mask(data)
 
 
 def ref_token_logps(apply, ref_params, data) -> tuple[jax.Array, jax.Array]:
@@ -159,9 +201,9 @@ def ref_token_logps(apply, ref_params, data) -> tuple[jax.Array, jax.Array]:
     return jax.lax.stop_gradient(per_token(apply, ref_params, data, label_logp)), label_mask(data)
 
 
-def token_kl(apply, params, ref_params, data) -> tuple[jax.Array, jax.Array]:
+def token_kl(apply, params, ref_params, data, hidden=None) -> tuple[jax.Array, jax.Array]:
     """(KL(p_ref || p_theta) [B, T-1], mask of positions whose next token is real)."""
-    return per_token(apply, params, data, kl_to_model, ref_params=ref_params), next_real_mask(data)
+    return per_token(apply, params, data, kl_to_model, ref_params=ref_params, hidden=hidden), next_real_mask(data)
 
 
 def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -189,9 +231,9 @@ def nll_from_sums(total: jax.Array, count: jax.Array, reduction: str = "sample")
     raise ValueError(f"nll reduction: expected 'sample' or 'token', got {reduction!r}")
 
 
-def batch_nll(apply, params, data, reduction: str = "sample") -> jax.Array:
+def batch_nll(apply, params, data, reduction: str = "sample", hidden=None) -> jax.Array:
     """Batch NLL of the scored tokens of `data` (see the module docstring for the reductions)."""
-    return nll_from_logps(*token_logps(apply, params, data), reduction)
+    return nll_from_logps(*token_logps(apply, params, data, hidden), reduction)
 
 
 def sequence_logprob(apply, params, data) -> tuple[jax.Array, jax.Array]:
@@ -207,9 +249,9 @@ def log_ratio_to_ref(params, ref_params, batch, apply) -> tuple[jax.Array, jax.A
     return logp - ref_logp, valid
 
 
-def retain_kl(apply, params, ref_params, data) -> jax.Array:
+def retain_kl(apply, params, ref_params, data, hidden=None) -> jax.Array:
     """Mean per-position KL(p_ref || p_theta) over positions whose next token is real."""
-    return masked_mean(*token_kl(apply, params, ref_params, data))
+    return masked_mean(*token_kl(apply, params, ref_params, data, hidden))
 
 
 # ------------------------------------------------------------------ logits-level helpers (tests, evaluation)

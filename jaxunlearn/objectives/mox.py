@@ -18,14 +18,14 @@ from __future__ import annotations
 import jax
 
 from jaxunlearn.objectives import common
-from jaxunlearn.objectives.common import batch_nll, log_ratio_to_ref, masked_mean, require
+from jaxunlearn.objectives.common import batch_nll, joint_hidden, log_ratio_to_ref, masked_mean, require
 from jaxunlearn.objectives.registry import register
 from jaxunlearn.objectives.terms import NLL_REDUCTIONS, check_choice, check_positive
 
 
-def retain_kl(params, ref_params, batch, apply, name: str) -> jax.Array:
-    """KL(p_ref || p_theta) over the retain batch."""
-    return common.retain_kl(apply, params, ref_params, require(batch, "retain", name))
+def retain_kl(params, ref_params, batch, apply, name: str, hidden=None) -> jax.Array:
+    """KL(p_ref || p_theta) over the retain batch (`hidden`: its hidden states, already computed)."""
+    return common.retain_kl(apply, params, ref_params, require(batch, "retain", name), hidden)
 
 
 @register("mox")
@@ -35,8 +35,10 @@ def mox(retain_weight: float = 1.0, nll_reduction: str = "sample"):
 
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox")
-        nll = batch_nll(apply, params, forget, nll_reduction)
-        kl = retain_kl(params, ref_params, batch, apply, "mox")
+        # forget and retain through the layers in one pass: one backward scan, one gradient
+        h_forget, h_retain = joint_hidden(apply, params, [forget, require(batch, "retain", "mox")]) or (None, None)
+        nll = batch_nll(apply, params, forget, nll_reduction, h_forget)
+        kl = retain_kl(params, ref_params, batch, apply, "mox", h_retain)
         loss = nll + retain_weight * kl
         return loss, {"forget_nll": nll, "retain_kl": kl}
 
