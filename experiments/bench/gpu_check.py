@@ -65,28 +65,15 @@ PEAK_BF16_TFLOPS = [
     ("TPU v6 lite", 918.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v4", 275.0),
 ]
 
-# config.json fields of the public checkpoints (what matters for speed: sizes, heads, vocabulary)
-LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-SHAPES = {
-    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         rope_scaling=dict(LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True,
-                         bos_token_id=128000, eos_token_id=128001),
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         rope_scaling=dict(LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False,
-                         bos_token_id=128000, eos_token_id=128001),
-}
+# the measured shapes: jaxunlearn's presets of the public checkpoints' config.json (models/config.py HF_SHAPES)
+SHAPES = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
 GiB = 2**30
 
 
 def model_config(shape: str) -> ModelConfig:
     if shape == "tiny":
         return ModelConfig.preset("tiny-llama", vocab_size=256)
-    return ModelConfig.from_hf_dict(SHAPES[shape], source=shape).replace(remat=True)
+    return ModelConfig.preset(SHAPES[shape]).replace(remat="full")
 
 
 def matmul_params(cfg: ModelConfig, n_params: int) -> int:
