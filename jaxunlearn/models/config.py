@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass for every supported decoder, with HF config.json conversion.
 
-Supported Hugging Face `model_type`s: "llama", "mistral", "qwen2" (all `arch="llama"`: pre-norm RMSNorm,
+Supported Hugging Face `model_type`s (the registry in models/families.py): "llama", "mistral", "qwen2" (all `arch="llama"`: pre-norm RMSNorm,
 SwiGLU MLP, rotary attention, optional grouped-query heads) and "phi" (`arch="phi"`: Phi-1/1.5/2 with
 LayerNorm, parallel attention + MLP, partial rotary, biases everywhere, optional qk_layernorm). Grouped-query
 attention, tied or untied embeddings, explicit `head_dim`, Llama `attention_bias`/`mlp_bias` and Qwen2's
@@ -23,6 +23,7 @@ import pathlib
 from typing import Any
 
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.models.families import FAMILIES, model_types
 
 
 class ModelConfigError(JaxunlearnError, ValueError):
@@ -31,7 +32,6 @@ class ModelConfigError(JaxunlearnError, ValueError):
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # Rematerialisation of each decoder layer in the backward pass (names as in MaxText's remat_policy):
 #   none                     keep every activation (no jax.checkpoint)
 #   full                     keep only each layer's input; recompute the rest
@@ -42,12 +42,6 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj", "save_qkv_out_proj")
 # jax.nn.dot_product_attention implementations: "xla" runs everywhere; "cudnn" (flash attention) on NVIDIA GPUs
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "phi": "PhiForCausalLM",
-}
 
 # Published shapes (the architecture keys of each model's Hugging Face config.json), for planning
 # memory and for random-init runs at full size: ModelConfig.preset("Llama-3.1-8B").
@@ -124,10 +118,9 @@ class ModelConfig:
         """Raise ModelConfigError naming the first inconsistent field."""
         if self.arch not in ("llama", "phi"):
             raise ModelConfigError(f"arch must be 'llama' or 'phi', got {self.arch!r}")
-        if self.arch == "phi" and self.model_type != "phi":
-            raise ModelConfigError(f"arch 'phi' needs model_type 'phi', got {self.model_type!r}")
-        if self.arch == "llama" and self.model_type not in LLAMA_FAMILY:
-            raise ModelConfigError(f"arch 'llama' needs model_type in {LLAMA_FAMILY}, got {self.model_type!r}")
+        if self.model_type not in model_types(self.arch):
+            raise ModelConfigError(f"arch {self.arch!r} needs model_type in {model_types(self.arch)}, "
+                                   f"got {self.model_type!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
@@ -223,9 +216,9 @@ class ModelConfig:
         """Build from a Hugging Face config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
         `rope_parameters`). `source` names the file in error messages."""
         model_type = d.get("model_type")
-        if model_type not in HF_ARCHITECTURES:
-            raise ModelConfigError(
-                f"{source}: model_type {model_type!r} not supported (one of {sorted(HF_ARCHITECTURES)})")
+        if model_type not in FAMILIES:
+            raise ModelConfigError(f"{source}: model_type {model_type!r} not supported (one of {sorted(FAMILIES)})")
+        family = FAMILIES[model_type]
 
         def need(key):
             if d.get(key) is None:
@@ -241,8 +234,7 @@ class ModelConfig:
         if "layer_types" in rope or any(isinstance(v, dict) for v in rope.values()):
             raise ModelConfigError(f"{source}: per-layer rope_parameters are not supported")
         rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
-        partial = float(rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)
-                                  if model_type != "phi" else d.get("partial_rotary_factor", 0.5)))
+        partial = float(rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", family.partial_rotary_factor)))
         if not rope and legacy:
             rope = legacy
         legacy_type = rope.pop("type", None)
@@ -263,7 +255,7 @@ class ModelConfig:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-            hidden_act=str(d.get("hidden_act", "gelu_new" if model_type == "phi" else "silu")),
+            hidden_act=str(d.get("hidden_act", family.hidden_act)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
             partial_rotary_factor=partial,
@@ -272,31 +264,7 @@ class ModelConfig:
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=d.get("pad_token_id"),
         )
-        if model_type == "phi":
-            return cls(arch="phi", norm_eps=float(d.get("layer_norm_eps", 1e-5)), qkv_bias=True, o_bias=True,
-                       mlp_bias=True, lm_head_bias=True, qk_layernorm=bool(d.get("qk_layernorm", False)),
-                       **common)
-        window, layer_types = None, None
-        if model_type == "mistral":
-            window = d.get("sliding_window")
-        elif model_type == "qwen2":
-            if d.get("use_sliding_window") and d.get("sliding_window"):
-                window = d.get("sliding_window")
-                layer_types = d.get("layer_types") or [
-                    "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
-                    for i in range(common["num_layers"])]
-                layer_types = tuple(layer_types)
-        attention_bias = bool(d.get("attention_bias", False))
-        return cls(
-            arch="llama",
-            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=int(window) if window else None,
-            layer_types=layer_types,
-            **common,
-        )
+        return cls(arch=family.arch, **common, **family.options(d, common["num_layers"]))
 
     @classmethod
     def from_hf_folder(cls, path: str | pathlib.Path) -> "ModelConfig":
@@ -323,7 +291,7 @@ class ModelConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta, **self.rope_params}
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d: dict[str, Any] = {
-            "architectures": [HF_ARCHITECTURES[self.model_type]],
+            "architectures": [FAMILIES[self.model_type].hf_architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
