@@ -6,6 +6,7 @@ A run is described by one `RunConfig` composed of sections:
   data        DataSpec        benchmark, source, forget split, lengths, prompt format
   train       TrainSpec       optimiser, schedule, batch size, accumulation, seed, clipping
   mesh        MeshSpec        device mesh shape (data, fsdp, tensor)
+  eval        EvalSpec        what `jaxunlearn eval` computes (generation length, batch, MIA)
   method      MethodSpec      the unlearning method (jaxunlearn.methods) and its hyper-parameters
   checkpoint  CheckpointSpec  how many checkpoints to keep and how often to save
 
@@ -121,6 +122,15 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class EvalSpec:
+    """What `jaxunlearn eval` computes for a run (its command-line options override these)."""
+
+    max_new_tokens: int = 200  # greedy tokens generated per answer (TOFU ROUGE)
+    batch_size: int = 16  # evaluation batch (rounded up to a multiple of the data-parallel shards)
+    mia: bool = True  # forget-vs-holdout membership-inference AUCs
+
+
+@dataclass(frozen=True)
 class CheckpointSpec:
     keep: int = 3  # keep the last N memorised checkpoints
     save_every: int = 100  # optimiser steps between saves (a final save always happens)
@@ -133,6 +143,7 @@ class RunConfig:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     mesh: MeshSpec = field(default_factory=MeshSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
     method: MethodSpec = field(default_factory=MethodSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     run_dir: Optional[str] = None
@@ -310,6 +321,8 @@ def _validate(cfg, where: str) -> None:
                 raise ConfigError(f"{where}.{name}: must be a positive size or -1, got {v}")
         if [cfg.data, cfg.fsdp, cfg.tensor].count(-1) > 1:
             raise ConfigError(f"{where}: at most one mesh axis may be -1")
+    if isinstance(cfg, EvalSpec) and (cfg.max_new_tokens < 1 or cfg.batch_size < 1):
+        raise ConfigError(f"{where}: max_new_tokens and batch_size must be >= 1")
     if isinstance(cfg, CheckpointSpec):
         if cfg.keep < 1 or cfg.save_every < 1:
             raise ConfigError(f"{where}: keep and save_every must be >= 1")

@@ -26,7 +26,7 @@ from jaxunlearn.errors import JaxunlearnError, RunError
 RANDOM_REFERENCE = "random"  # --reference random: start from a random initialisation of model.preset
 
 # config keys a rerun may change: they do not affect the parameters a run produces
-RESULT_NEUTRAL_KEYS = ("run_dir", "checkpoint.", "train.log_every")
+RESULT_NEUTRAL_KEYS = ("run_dir", "checkpoint.", "train.log_every", "eval.")
 
 # RUN/result.json names the run's result model once training (and extrapolation) finished
 RESULT_FILE = "result.json"

@@ -317,8 +317,29 @@ def test_eval_options_override_the_run_data_settings():
     assert (spec.max_len, spec.buckets, spec.synthetic_seed) == (128, (64, 128), 3)
     spec = data_spec(_parser().parse_intermixed_args(["RUN", "data.max_len=128", "data.buckets=[128]"]), run)
     assert spec.buckets == (128,)
-    with pytest.raises(ConfigError, match="data.KEY=VALUE overrides only"):
+    with pytest.raises(ConfigError, match="data.KEY=VALUE and eval.KEY=VALUE overrides only"):
         data_spec(_parser().parse_intermixed_args(["RUN", "train.lr=1"]), run)
+
+
+def test_eval_section_of_the_run_config_sets_what_eval_computes():
+    """eval.max_new_tokens / batch_size / mia come from the run's eval section, then eval.KEY=VALUE, then options."""
+    from jaxunlearn.config import ConfigError, EvalSpec, load_config
+    from jaxunlearn.evals.cli import _parser, apply_eval_spec, data_spec
+
+    run_eval = load_config(None, ["eval.max_new_tokens=32", "eval.mia=false"]).eval
+    assert run_eval == EvalSpec(max_new_tokens=32, batch_size=16, mia=False)
+    args = _parser().parse_args(["RUN"])
+    apply_eval_spec(args, run_eval)
+    assert (args.max_new_tokens, args.batch_size, args.no_mia) == (32, 16, True)
+    args = _parser().parse_intermixed_args(["RUN", "eval.batch_size=8", "--max-new-tokens", "64", "eval.mia=true"])
+    apply_eval_spec(args, run_eval)
+    assert (args.max_new_tokens, args.batch_size, args.no_mia) == (64, 8, False)
+    assert data_spec(args, load_config().data) == load_config().data  # eval keys leave the data settings alone
+    args = _parser().parse_args(["RUN", "--no-mia"])
+    apply_eval_spec(args, EvalSpec())
+    assert args.no_mia is True and args.max_new_tokens == 200
+    with pytest.raises(ConfigError, match="max_new_tokens and batch_size must be >= 1"):
+        apply_eval_spec(_parser().parse_intermixed_args(["RUN", "eval.batch_size=0"]), EvalSpec())
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

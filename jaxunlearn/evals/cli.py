@@ -34,8 +34,8 @@ from jaxunlearn.evals.tofu import EvalError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxunlearn eval", description="evaluate a run directory or an HF folder")
     p.add_argument("target", help="run directory (with config.yaml) or Hugging Face model folder")
-    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
-                   help="override the run's (or the export record's) data settings, as in the run config")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE | eval.KEY=VALUE",
+                   help="override the run's (or the export record's) data and eval settings, as in the run config")
     p.add_argument("--which", nargs="+", default=["result"],
                    help="for a run: any of result (the method's result model, default), reference, trained "
                         "(memorized), forget, sweep (every alpha in RUN/forget)")
@@ -56,12 +56,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="MUSE: a retrained model's Min-K%% forget-vs-holdout AUC in MUSE's convention (its "
                         "summary's privleak_auc); default: MUSE's published value (news 0.4772, books 0.5393)")
     p.add_argument("--out", help="output folder (default RUN/eval for a run; required for an HF folder)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, help="(default: the run's eval.max_new_tokens, else 200)")
     p.add_argument("--max-len", type=int, help="longest scored sequence (default: the run's data.max_len; HF "
                                                "folder: recorded by export-hf, else 512)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="(default: the run's eval.batch_size, else 16)")
     p.add_argument("--mesh-data", type=int, default=-1, help="data-parallel mesh size (-1: all devices)")
-    p.add_argument("--no-mia", action="store_true", help="skip the forget-vs-holdout MIA AUCs")
+    p.add_argument("--no-mia", action="store_true", default=None,
+                   help="skip the forget-vs-holdout MIA AUCs (default: the run's eval.mia)")
     p.add_argument("--label", help="label of the evaluated model (HF folder; default: the folder name)")
     return p
 
@@ -86,13 +87,29 @@ def data_spec(args, base):
     data = to_dict(base)
     for text in getattr(args, "overrides", None) or ():
         path, value = parse_override(text)
-        if path[0] != "data" or len(path) != 2:
-            raise ConfigError(f"override {text!r}: eval takes data.KEY=VALUE overrides only")
-        data[path[1]] = value
+        if path[0] not in ("data", "eval") or len(path) != 2:
+            raise ConfigError(f"override {text!r}: eval takes data.KEY=VALUE and eval.KEY=VALUE overrides only")
+        if path[0] == "data":
+            data[path[1]] = value
     data.update({field: getattr(args, flag) for flag, field in DATA_FLAGS if getattr(args, flag) is not None})
     if data["max_len"] != base.max_len and data["buckets"] == list(base.buckets):
         data["buckets"] = list(bucket_ladder(data["max_len"]))
     return from_dict({"data": data}, where="eval").data
+
+
+def apply_eval_spec(args, base) -> None:
+    """Fill the options not given on the command line from `base` (an EvalSpec: the run's eval section)
+    with its eval.KEY=VALUE overrides applied; options given win."""
+    from jaxunlearn.config import RunConfig, apply_overrides
+
+    texts = [t for t in getattr(args, "overrides", None) or () if t.split("=", 1)[0].startswith("eval.")]
+    spec = apply_overrides(RunConfig(eval=base), texts).eval
+    if args.max_new_tokens is None:
+        args.max_new_tokens = spec.max_new_tokens
+    if args.batch_size is None:
+        args.batch_size = spec.batch_size
+    if args.no_mia is None:
+        args.no_mia = not spec.mia
 
 
 def _write(out: pathlib.Path, label: str, summary: dict, per_sample: dict) -> None:
@@ -118,6 +135,7 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
     from transformers import AutoTokenizer
 
     from jaxunlearn import data, rundir
+    from jaxunlearn.config import EvalSpec
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.models import load_hf, split_params
     from jaxunlearn.sharding import make_mesh
@@ -126,6 +144,7 @@ def _hf_target(args) -> list[tuple[str, str, dict]]:
     if args.out is None:
         raise EvalError("--out is required when evaluating a Hugging Face folder")
     spec = data_spec(args, _export_data_spec(args, folder))
+    apply_eval_spec(args, EvalSpec())
     bench = rundir.load_benchmark(spec, "eval")
     tok_dir = pathlib.Path(spec.tokenizer or folder)
     if spec.tokenizer is None and not (tok_dir / "tokenizer.json").exists():  # the built-in tokenizer
@@ -213,6 +232,7 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
     cfg, _ = rundir.run_setup(run)
     args.out = args.out or str(run / "eval")
     spec = data_spec(args, cfg.data)  # the run's data settings; options given override them
+    apply_eval_spec(args, cfg.eval)
     bench = rundir.load_benchmark(spec, "eval")
     tok = rundir.run_tokenizer(run)
     fmt = data.prompt_format_for(tok, spec.prompt_format)
