@@ -53,8 +53,8 @@ from jaxunlearn.lock import run_lock
 from jaxunlearn.methods import METHODS, get_method
 from jaxunlearn.rundir import (RESULT_FILE, check_max_len, check_or_write_config, check_reference_source, encode,
                                initial_params, load_benchmark, load_run_params, load_tokenizer, reference_for,
-                               reference_meta, reference_tokenizer_folder, resolve_run, run_setup, run_tokenizer,
-                               write_result)
+                               read_run_config, reference_meta, reference_tokenizer_folder, resolve_run, run_setup,
+                               run_tokenizer, write_result)
 from jaxunlearn.rundir import WHICH, describe_result
 from jaxunlearn.stage import Stage, train_stage
 
@@ -309,7 +309,7 @@ def export_run(run, which: str, out, alpha: float | None = None, eta: float | No
 
     run = pathlib.Path(run)
     setup, params, meta = load_run_params(run, which, alpha, eta, step)
-    cfg, _ = run_setup(run)
+    cfg = read_run_config(run)  # the run's settings only: load_run_params already built the model setup
     info = {"run": str(run.absolute()), "which": which, "method": cfg.method.name, "alpha": meta.get("alpha"),
             "eta": meta.get("eta"), "step": meta.get("step", meta.get("source_step")), "data": to_dict(cfg.data)}
     out = pathlib.Path(out)

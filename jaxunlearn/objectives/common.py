@@ -257,11 +257,6 @@ def retain_kl(apply, params, ref_params, data, hidden=None) -> jax.Array:
 # ------------------------------------------------------------------ logits-level helpers (tests, evaluation)
 
 
-def logits_of(apply, params, batch) -> jax.Array:
-    """Run the model on one batch dict (input_ids, attention_mask): full [B, T, V] logits."""
-    return apply(params, batch["input_ids"], batch["attention_mask"])
-
-
 def mean_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Batch NLL from full logits: mean over samples (with >= 1 scored token) of per-sample mean token NLL."""
     total, count = ops.sequence_nll(logits, labels)
