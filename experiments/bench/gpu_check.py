@@ -70,10 +70,10 @@ SHAPES = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
 GiB = 2**30
 
 
-def model_config(shape: str) -> ModelConfig:
+def model_config(shape: str, attention: str = "xla", remat: str = "full") -> ModelConfig:
     if shape == "tiny":
-        return ModelConfig.preset("tiny-llama", vocab_size=256)
-    return ModelConfig.preset(SHAPES[shape]).replace(remat="full")
+        return ModelConfig.preset("tiny-llama", vocab_size=256).replace(attention=attention)
+    return ModelConfig.preset(SHAPES[shape]).replace(remat=remat, attention=attention)
 
 
 def matmul_params(cfg: ModelConfig, n_params: int) -> int:
@@ -224,8 +224,8 @@ def mox_step(cfg: ModelConfig, args, rng: np.random.Generator, keep: bool = Fals
 
 
 def bf16_vs_fp32(cfg: ModelConfig, params, graphdef16, rng: np.random.Generator) -> dict:
-    """Logits of bf16 compute vs fp32 compute on the same fp32 parameters."""
-    graphdef32, _ = graphdef_and_abstract(cfg, "float32")
+    """Logits of bf16 compute (cfg's attention) vs fp32 compute (XLA attention) on the same fp32 parameters."""
+    graphdef32, _ = graphdef_and_abstract(cfg.replace(attention="xla"), "float32")  # cuDNN attention is bf16/fp16
     probe = qa_batch(rng, 4, 64, cfg.vocab_size)
     with jax.default_matmul_precision("highest"):
         l32 = jax.jit(make_apply(graphdef32))(params, probe["input_ids"], probe["attention_mask"])
@@ -291,15 +291,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--reference-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="dtype the frozen reference is held in")
+    ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
+                    help="jax.nn.dot_product_attention implementation (cudnn: NVIDIA GPUs only)")
+    ap.add_argument("--remat", default="full", help="rematerialisation policy of the measured shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.tiny:
         args.shapes, args.seq, args.steps = ["tiny"], min(args.seq, 64), min(args.steps, 5)
     report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                    "devices": jax.device_count(), "jax": jax.__version__, "mox_step": {}}
+                    "devices": jax.device_count(), "jax": jax.__version__, "attention": args.attention,
+                    "mox_step": {}}
     rng = np.random.default_rng(0)
     for i, shape in enumerate(args.shapes):
-        cfg = model_config(shape)
+        cfg = model_config(shape, args.attention, args.remat)
         step_report, state = mox_step(cfg, args, rng, keep=i == 0)
         report["mox_step"][shape] = step_report
         if state is not None:
