@@ -18,6 +18,9 @@ activations. Norms, rotary tables and attention softmax run in float32; logits a
 Every parameter carries its logical axis names (nnx metadata `out_sharding`, not applied eagerly);
 `param_logical_axes` returns them as a tree with the structure of `params`.
 
+Layouts: the layer class and the norm are those of the config's decoder layout (`arch`, registered in
+models/families.py): DecoderLayer and RMSNorm for "llama", ParallelDecoderLayer and LayerNorm for "phi".
+
 Layers: every decoder-layer parameter is stored stacked, [num_layers, ...] with the leading logical axis
 "layers" (never sharded), e.g. params["layers"]["self_attn"]["q_proj"]["kernel"] is [L, E, H, D]. The
 layers run as one jax.lax.scan over that axis (ModelConfig.scan_layers; program size and compile time do
