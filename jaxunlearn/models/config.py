@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass for every supported decoder, with HF config.json conversion.
 
-Supported Hugging Face `model_type`s (the registry in models/families.py): "llama", "mistral", "qwen2" (all `arch="llama"`: pre-norm RMSNorm,
+Supported Hugging Face `model_type`s (the registry in models/families.py; `arch` names the decoder layout): "llama", "mistral", "qwen2" (all `arch="llama"`: pre-norm RMSNorm,
 SwiGLU MLP, rotary attention, optional grouped-query heads) and "phi" (`arch="phi"`: Phi-1/1.5/2 with
 LayerNorm, parallel attention + MLP, partial rotary, biases everywhere, optional qk_layernorm). Grouped-query
 attention, tied or untied embeddings, explicit `head_dim`, Llama `attention_bias`/`mlp_bias` and Qwen2's
@@ -22,12 +22,7 @@ import json
 import pathlib
 from typing import Any
 
-from jaxunlearn.errors import JaxunlearnError
-from jaxunlearn.models.families import FAMILIES, model_types
-
-
-class ModelConfigError(JaxunlearnError, ValueError):
-    """A model configuration is malformed or uses something this package does not implement."""
+from jaxunlearn.models.families import FAMILIES, ModelConfigError, layout_of, model_types
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -116,8 +111,7 @@ class ModelConfig:
     # ----------------------------------------------------------------- checks and derived values
     def validate(self) -> None:
         """Raise ModelConfigError naming the first inconsistent field."""
-        if self.arch not in ("llama", "phi"):
-            raise ModelConfigError(f"arch must be 'llama' or 'phi', got {self.arch!r}")
+        layout_of(self)  # an unregistered arch is an error
         if self.model_type not in model_types(self.arch):
             raise ModelConfigError(f"arch {self.arch!r} needs model_type in {model_types(self.arch)}, "
                                    f"got {self.model_type!r}")
@@ -141,8 +135,6 @@ class ModelConfig:
         if self.rotary_dim % 2 or self.rotary_dim <= 0:
             raise ModelConfigError(
                 f"rotary dimension head_dim*partial_rotary_factor = {self.rotary_dim} must be even and positive")
-        if self.qk_layernorm and self.arch != "phi":
-            raise ModelConfigError(f"qk_layernorm is only implemented for arch 'phi', not {self.model_type!r}")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
                 raise ModelConfigError(
@@ -282,16 +274,11 @@ class ModelConfig:
         """A config.json dict that `transformers` loads into the same architecture: 5.x `rope_parameters`
         plus the 4.x keys `rope_theta`/`rope_scaling`/`partial_rotary_factor`. `dtype` names the stored
         weight dtype."""
-        if self.model_type == "qwen2" and self.qkv_bias is False:
-            raise ModelConfigError("qwen2 always has q/k/v biases; use model_type 'llama' for a bias-free model")
-        if self.model_type == "mistral" and (self.qkv_bias or self.o_bias or self.mlp_bias):
-            raise ModelConfigError("mistral has no attention/MLP biases; use model_type 'llama' with attention_bias")
-        if self.model_type == "llama" and self.qkv_bias != self.o_bias:
-            raise ModelConfigError("llama's attention_bias covers q/k/v and o together; use qwen2 for q/k/v-only")
+        family = FAMILIES[self.model_type]
         rope = {"rope_type": "default", "rope_theta": self.rope_theta, **self.rope_params}
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d: dict[str, Any] = {
-            "architectures": [FAMILIES[self.model_type].hf_architecture],
+            "architectures": [family.hf_architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -310,28 +297,14 @@ class ModelConfig:
             "torch_dtype": dtype,
             "use_cache": True,
         }
-        if self.arch == "phi":
-            if self.head_dim * self.num_heads != self.hidden_size:
-                raise ModelConfigError("phi needs head_dim * num_heads == hidden_size")
-            rope["partial_rotary_factor"] = self.partial_rotary_factor
-            d.update(layer_norm_eps=self.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, qk_layernorm=self.qk_layernorm)
-        else:
-            if self.partial_rotary_factor != 1.0:
-                raise ModelConfigError(f"{self.model_type} has no partial rotary; partial_rotary_factor must be 1")
-            d.update(rms_norm_eps=self.norm_eps, head_dim=self.head_dim)
-            if self.model_type == "llama":
-                d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
-            if self.model_type == "mistral":
-                d["sliding_window"] = self.sliding_window
-            if self.model_type == "qwen2":
-                d.update(use_sliding_window=bool(self.sliding_window), sliding_window=self.sliding_window,
-                         max_window_layers=self.num_layers,
-                         layer_types=list(self.layer_types or ["sliding_attention" if self.sliding_window
-                                                               else "full_attention"] * self.num_layers))
+        d.update(family.hf_keys(self))
+        partial = d.pop("partial_rotary_factor", None)  # a family that writes it has it in rope_parameters too
+        if partial is not None:
+            rope["partial_rotary_factor"] = partial
         d["rope_parameters"] = rope
         # transformers 4.x keys (5.x reads them consistently with rope_parameters)
         d["rope_theta"] = self.rope_theta
         d["rope_scaling"] = self.rope_params or None
-        if self.arch == "phi":
-            d["partial_rotary_factor"] = self.partial_rotary_factor
+        if partial is not None:
+            d["partial_rotary_factor"] = partial
         return d

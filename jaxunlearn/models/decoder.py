@@ -18,6 +18,9 @@ activations. Norms, rotary tables and attention softmax run in float32; logits a
 Every parameter carries its logical axis names (nnx metadata `out_sharding`, not applied eagerly);
 `param_logical_axes` returns them as a tree with the structure of `params`.
 
+Layouts: the layer class and the norm are those of the config's decoder layout (`arch`, registered in
+models/families.py): DecoderLayer and RMSNorm for "llama", ParallelDecoderLayer and LayerNorm for "phi".
+
 Layers: every decoder-layer parameter is stored stacked, [num_layers, ...] with the leading logical axis
 "layers" (never sharded), e.g. params["layers"]["self_attn"]["q_proj"]["kernel"] is [L, E, H, D]. The
 layers run as one jax.lax.scan over that axis (ModelConfig.scan_layers; program size and compile time do
@@ -45,6 +48,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxunlearn.models.config import ModelConfig, ModelConfigError
+from jaxunlearn.models.families import layout_of
 from jaxunlearn.sharding import constrain, mesh_context
 
 LAYERS_AXIS = "layers"
@@ -133,8 +137,8 @@ class LayerNorm(nnx.Module):
 
 
 def _norm(cfg: ModelConfig, dtype, param_dtype):
-    cls = LayerNorm if cfg.arch == "phi" else RMSNorm
-    return cls(cfg.hidden_size, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    """The norm of cfg's layout (RMSNorm for "llama", LayerNorm for "phi") over the hidden size."""
+    return layout_of(cfg).norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
 def activation(name: str) -> Callable:
@@ -338,11 +342,12 @@ class PhiMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Llama: x + attn(norm1 x), then + mlp(norm2 .). Phi: x + attn(norm x) + mlp(norm x)."""
+    """Llama: x + attn(norm1 x), then + mlp(norm2 .). Phi (ParallelDecoderLayer): x + attn(norm x) + mlp(norm x)."""
+
+    parallel = False
 
     def __init__(self, cfg: ModelConfig, *, rng, dtype, param_dtype):
         common = dict(dtype=dtype, param_dtype=param_dtype)
-        self.parallel = cfg.arch == "phi"
         self.input_layernorm = _norm(cfg, **common)
         self.self_attn = Attention(cfg, rng=rng, **common)
         if self.parallel:
@@ -358,6 +363,12 @@ class DecoderLayer(nnx.Module):
             return constrain(x + attn + self.mlp(h), ACT_EMBED), cache
         x = x + attn
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), ACT_EMBED), cache
+
+
+class ParallelDecoderLayer(DecoderLayer):
+    """Phi's layer: attention and a two-layer MLP side by side on one input norm."""
+
+    parallel = True
 
 
 def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
@@ -408,7 +419,8 @@ class CausalLM(nnx.Module):
         self.embed_tokens.embedding = _param(rng, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                              param_dtype)
         # built one layer at a time (same random draws as a per-layer model), then stacked
-        self.layers = stack_layers([DecoderLayer(cfg, rng=rng, dtype=dtype, param_dtype=param_dtype)
+        block = layout_of(cfg).block
+        self.layers = stack_layers([block(cfg, rng=rng, dtype=dtype, param_dtype=param_dtype)
                                     for _ in range(cfg.num_layers)])
         self.norm = _norm(cfg, dtype, param_dtype)
         self.lm_head = nnx.Module()  # kernel None when tied to the embedding; bias only where the arch has one

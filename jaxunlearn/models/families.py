@@ -1,13 +1,22 @@
-"""Model families: which Hugging Face `model_type`s load, and what is particular to each.
+"""Model families and decoder layouts: which Hugging Face `model_type`s load, and what is particular to each.
 
-A family is one registry entry: its HF `model_type` and architecture class name, the decoder
-layout it runs on (`arch`: "llama" = pre-norm RMSNorm + SwiGLU; "phi" = parallel block with
-LayerNorm; see models/decoder.py and the weight table in models/hf.py), its defaults for keys a
-config.json may leave out, and `options`, which reads the family's own keys (biases, sliding
-windows, norms) from a config.json dict into ModelConfig fields. ModelConfig.from_hf_dict does
-the part every family shares (sizes, heads, rope) and asks the family for the rest.
+A layout (`Layout`, registered in LAYOUTS under its name, which a ModelConfig carries as `arch`) is
+one decoder architecture: the class of one decoder layer (`block`), the final norm, and the HF
+weight-name table (HF tensor name <-> our parameter path, with the transpose/split that maps one
+onto the other; the kinds are listed in models/hf.py). The built-in layouts are "llama" (pre-norm
+RMSNorm + SwiGLU) and "phi" (parallel block with LayerNorm); their layer classes are in
+models/decoder.py and they are registered, with their weight names, in models/hf.py.
 
-Adding a model type that runs on an existing layout is one `register_family(Family(...))` here.
+A family (`Family`, registered in FAMILIES under its HF `model_type`) is one model type on a
+layout: its HF architecture class name, its defaults for keys a config.json may leave out, and
+its own config.json keys (biases, sliding windows, norms): `options` reads them into ModelConfig
+fields, `hf_keys` writes them back on export (and raises ModelConfigError for a configuration
+the family cannot express). ModelConfig.from_hf_dict / to_hf_dict do the part every family
+shares (sizes, heads, rope) and ask the family for the rest.
+
+Adding a model type on an existing layout is one `register_family(Family(...))`. Adding a new
+layout is one module holding its layer class, its weight table, `register_layout(Layout(...))`
+and its family (tests/test_models_families.py does this for a toy layout).
 """
 
 from __future__ import annotations
@@ -15,27 +24,62 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jaxunlearn.errors import JaxunlearnError
+
+
+class ModelConfigError(JaxunlearnError, ValueError):
+    """A model configuration is malformed or uses something this package does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str  # ModelConfig.arch
+    # (cfg, *, rng, dtype, param_dtype) -> one decoder layer, an nnx.Module called as
+    # layer(x, cos, sin, query_slots, kv_mask, window, cache, cache_index) -> (x, cache)
+    block: Callable
+    norm: Callable  # (size, eps, *, dtype, param_dtype) -> the final norm (and the layers' norms, if they ask)
+    # cfg -> [(hf_key, path in our params, kind, layer index or None)] for every weight, in HF order
+    hf_weights: Callable[[Any], list[tuple[str, tuple, str, int | None]]]
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     model_type: str  # config.json "model_type"
     hf_architecture: str  # config.json "architectures"[0] written on export
-    arch: str  # decoder layout: "llama" | "phi"
+    arch: str  # name of its Layout
     options: Callable[[dict, int], dict[str, Any]]  # (config.json dict, num_layers) -> ModelConfig fields
+    hf_keys: Callable[[Any], dict[str, Any]]  # ModelConfig -> the family's own config.json keys
     hidden_act: str = "silu"  # when config.json has no hidden_act
     partial_rotary_factor: float = 1.0  # when config.json has none
 
 
+LAYOUTS: dict[str, Layout] = {}
 FAMILIES: dict[str, Family] = {}
 
 
+def _register(registry: dict, name: str, entry, what: str):
+    if name in registry:
+        raise ValueError(f"{what} {name!r} is registered twice")
+    registry[name] = entry
+    return entry
+
+
+def register_layout(layout: Layout) -> Layout:
+    return _register(LAYOUTS, layout.name, layout, "decoder layout")
+
+
 def register_family(family: Family) -> Family:
-    if family.model_type in FAMILIES:
-        raise ValueError(f"model family {family.model_type!r} is registered twice")
-    FAMILIES[family.model_type] = family
-    return family
+    return _register(FAMILIES, family.model_type, family, "model family")
 
 
+def layout_of(cfg) -> Layout:
+    """The registered layout a ModelConfig runs on."""
+    if cfg.arch not in LAYOUTS:
+        raise ModelConfigError(f"arch {cfg.arch!r} is not a registered decoder layout (one of {sorted(LAYOUTS)})")
+    return LAYOUTS[cfg.arch]
+
+
+# --------------------------------------------------------------------------- the built-in families
 def _llama_options(d: dict, num_layers: int) -> dict[str, Any]:
     bias = bool(d.get("attention_bias", False))
     return dict(norm_eps=float(d.get("rms_norm_eps", 1e-6)), qkv_bias=bias, o_bias=bias,
@@ -61,10 +105,47 @@ def _phi_options(d: dict, num_layers: int) -> dict[str, Any]:
                 lm_head_bias=True, qk_layernorm=bool(d.get("qk_layernorm", False)))
 
 
-register_family(Family("llama", "LlamaForCausalLM", "llama", _llama_options))
-register_family(Family("mistral", "MistralForCausalLM", "llama", _mistral_options))
-register_family(Family("qwen2", "Qwen2ForCausalLM", "llama", _qwen2_options))
-register_family(Family("phi", "PhiForCausalLM", "phi", _phi_options, hidden_act="gelu_new", partial_rotary_factor=0.5))
+def _llama_layout_keys(cfg) -> dict[str, Any]:
+    """Keys every family on the "llama" layout writes."""
+    if cfg.partial_rotary_factor != 1.0:
+        raise ModelConfigError(f"{cfg.model_type} has no partial rotary; partial_rotary_factor must be 1")
+    if cfg.qk_layernorm:
+        raise ModelConfigError(f"{cfg.model_type} has no qk_layernorm; use model_type 'phi'")
+    return dict(rms_norm_eps=cfg.norm_eps, head_dim=cfg.head_dim)
+
+
+def _llama_keys(cfg) -> dict[str, Any]:
+    if cfg.qkv_bias != cfg.o_bias:
+        raise ModelConfigError("llama's attention_bias covers q/k/v and o together; use qwen2 for q/k/v-only")
+    return dict(_llama_layout_keys(cfg), attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+
+
+def _mistral_keys(cfg) -> dict[str, Any]:
+    if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+        raise ModelConfigError("mistral has no attention/MLP biases; use model_type 'llama' with attention_bias")
+    return dict(_llama_layout_keys(cfg), sliding_window=cfg.sliding_window)
+
+
+def _qwen2_keys(cfg) -> dict[str, Any]:
+    if cfg.qkv_bias is False:
+        raise ModelConfigError("qwen2 always has q/k/v biases; use model_type 'llama' for a bias-free model")
+    layer_types = cfg.layer_types or ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.num_layers
+    return dict(_llama_layout_keys(cfg), use_sliding_window=bool(cfg.sliding_window),
+                sliding_window=cfg.sliding_window, max_window_layers=cfg.num_layers, layer_types=list(layer_types))
+
+
+def _phi_keys(cfg) -> dict[str, Any]:
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        raise ModelConfigError("phi needs head_dim * num_heads == hidden_size")
+    return dict(layer_norm_eps=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, qk_layernorm=cfg.qk_layernorm,
+                partial_rotary_factor=cfg.partial_rotary_factor)
+
+
+register_family(Family("llama", "LlamaForCausalLM", "llama", _llama_options, _llama_keys))
+register_family(Family("mistral", "MistralForCausalLM", "llama", _mistral_options, _mistral_keys))
+register_family(Family("qwen2", "Qwen2ForCausalLM", "llama", _qwen2_options, _qwen2_keys))
+register_family(Family("phi", "PhiForCausalLM", "phi", _phi_options, _phi_keys, hidden_act="gelu_new",
+                       partial_rotary_factor=0.5))
 
 
 def model_types(arch: str | None = None) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ embedding matrix. Tokenizers live in the same folder: `transformers.AutoTokenize
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -28,7 +29,8 @@ from safetensors.numpy import save_file
 
 from jaxunlearn.errors import JaxunlearnError
 from jaxunlearn.models.config import ModelConfig
-from jaxunlearn.models.decoder import CausalLM, split_params
+from jaxunlearn.models.decoder import CausalLM, DecoderLayer, LayerNorm, ParallelDecoderLayer, RMSNorm, split_params
+from jaxunlearn.models.families import Layout, layout_of, register_layout
 
 INDEX_FILE = "model.safetensors.index.json"
 EXPORT_MARKER = "jaxunlearn_export.json"  # marks a folder written by export_hf (and what it holds)
@@ -43,11 +45,17 @@ class CheckpointError(JaxunlearnError, ValueError):
 # kind: how an HF tensor maps to ours. "copy": same layout; "linear": HF [out, in] -> ours [in, out];
 # "split_out": HF [H*D, E] -> ours [E, H, D]; "split_bias": [H*D] -> [H, D]; "split_in": HF [E, H*D] -> [H, D, E].
 # Layer weights live in stacked parameters: row (hf_key, path, kind, i) is slice i of the [L, ...] param at path.
+# Each decoder layout (models/families.py) has its own table; the built-in ones are registered below.
 def weight_table(cfg: ModelConfig) -> list[tuple[str, tuple, str, int | None]]:
-    """(hf_key, path in our params, kind, layer index or None) for every weight of the architecture, in HF order."""
+    """(hf_key, path in our params, kind, layer index or None) for every weight of cfg's layout, in HF order."""
+    return layout_of(cfg).hf_weights(cfg)
+
+
+def _decoder_weights(cfg: ModelConfig, *, o_proj: str, mlp: tuple[str, ...], norms: tuple[str, ...],
+                     final_norm: str, norm_bias: bool) -> list[tuple[str, tuple, str, int | None]]:
+    """The weight table of the built-in layouts, which differ in the names given as arguments."""
     rows: list[tuple[str, tuple, str, int | None]] = [
         ("model.embed_tokens.weight", ("embed_tokens", "embedding"), "copy", None)]
-    phi = cfg.arch == "phi"
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}", ("layers",)
 
@@ -62,29 +70,33 @@ def weight_table(cfg: ModelConfig) -> list[tuple[str, tuple, str, int | None]]:
             for norm in ("q_layernorm", "k_layernorm"):
                 for hf_name, ours_name in (("weight", "scale"), ("bias", "bias")):
                     add(f"self_attn.{norm}.{hf_name}", ("self_attn", norm, ours_name), "copy")
-        o_name = "dense" if phi else "o_proj"
-        add(f"self_attn.{o_name}.weight", ("self_attn", "o_proj", "kernel"), "split_in")
+        add(f"self_attn.{o_proj}.weight", ("self_attn", "o_proj", "kernel"), "split_in")
         if cfg.o_bias:
-            add(f"self_attn.{o_name}.bias", ("self_attn", "o_proj", "bias"), "copy")
-        mlp = ("fc1", "fc2") if phi else ("gate_proj", "up_proj", "down_proj")
+            add(f"self_attn.{o_proj}.bias", ("self_attn", "o_proj", "bias"), "copy")
         for proj in mlp:
             add(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), "linear")
             if cfg.mlp_bias:
                 add(f"mlp.{proj}.bias", ("mlp", proj, "bias"), "copy")
-        norms = ("input_layernorm",) if phi else ("input_layernorm", "post_attention_layernorm")
         for norm in norms:
             add(f"{norm}.weight", (norm, "scale"), "copy")
-            if phi:
+            if norm_bias:
                 add(f"{norm}.bias", (norm, "bias"), "copy")
-    final = "model.final_layernorm" if phi else "model.norm"
-    rows.append((f"{final}.weight", ("norm", "scale"), "copy", None))
-    if phi:
-        rows.append((f"{final}.bias", ("norm", "bias"), "copy", None))
+    rows.append((f"{final_norm}.weight", ("norm", "scale"), "copy", None))
+    if norm_bias:
+        rows.append((f"{final_norm}.bias", ("norm", "bias"), "copy", None))
     if not cfg.tie_word_embeddings:
         rows.append(("lm_head.weight", ("lm_head", "kernel"), "linear", None))
     if cfg.lm_head_bias:
         rows.append(("lm_head.bias", ("lm_head", "bias"), "copy", None))
     return rows
+
+
+register_layout(Layout("llama", DecoderLayer, RMSNorm, functools.partial(
+    _decoder_weights, o_proj="o_proj", mlp=("gate_proj", "up_proj", "down_proj"),
+    norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm", norm_bias=False)))
+register_layout(Layout("phi", ParallelDecoderLayer, LayerNorm, functools.partial(
+    _decoder_weights, o_proj="dense", mlp=("fc1", "fc2"), norms=("input_layernorm",),
+    final_norm="model.final_layernorm", norm_bias=True)))
 
 
 def to_ours(x: np.ndarray, kind: str, our_shape: tuple) -> np.ndarray:
