@@ -66,6 +66,21 @@ def test_unusable_folder_warns_once_and_goes_on(monkeypatch, tmp_path, capsys, r
     assert float(jax.jit(lambda x: x * 3.0)(np.float32(2.0))) == 6.0
 
 
+def test_damaged_entry_is_compiled_again(monkeypatch, tmp_path, restore_jax_cache):
+    # e.g. a process killed while writing it: JAX warns and compiles; the command goes on
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    compile_cache.enable()
+    f = jax.jit(lambda x: x * 5.0 + 1.0)
+    assert float(f(np.float32(2.0))) == 11.0
+    entries = list((tmp_path / "cache").glob("*-cache"))
+    assert entries
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:20])
+    jax.clear_caches()
+    with pytest.warns(UserWarning, match="persistent compilation cache"):
+        assert float(jax.jit(lambda x: x * 5.0 + 1.0)(np.float32(2.0))) == 11.0
+
+
 def test_cli_enables_the_cache_for_every_command_but_plan(monkeypatch, tmp_path, capsys):
     calls = []
     monkeypatch.setattr(compile_cache, "enable", lambda: calls.append(1))
