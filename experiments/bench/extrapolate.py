@@ -10,10 +10,11 @@ shrinks it) in `--dtype` on the default device, then alternates `--repeats` time
   the memorised tree donated, as the runner does: the result overwrites it); reads two trees, writes one;
 - copy: a plain device copy of one tree, in place like the extrapolation (`x + zero` with `x`
   donated and `zero` a traced 0, which XLA cannot drop); reads one tree, writes one;
+- copy-both: the same in-place copy of two trees: every byte the extrapolation reads, written back;
 - copy-new: `jnp.copy` of one tree into newly allocated buffers (adds the allocation's page faults);
 - sum: `ref + mem` with `mem` donated, the cheapest rule with the extrapolation's reads and writes.
 
-Prints each median, the ratios extrapolate / copy and extrapolate / sum, XLA's memory analysis of the
+Prints each median, the ratio of the extrapolation to each of the others, XLA's memory analysis of the
 compiled extrapolation (arguments, output, aliased, temporaries: no extra full copy means output ==
 aliased and temporaries ~ 0) and the process's peak RSS after the extrapolations and after the
 copies, plus the load average and the command. 1B bf16 needs about 3 trees (7.5 GB) of memory.
@@ -38,6 +39,7 @@ from jaxunlearn.models import ModelConfig, init_model, split_params
 
 GIB = 1 << 30
 ALPHA = 4.0
+TRAFFIC = {"extrapolate": 3, "copy": 2, "copy-both": 4, "copy-new": 2, "sum": 3}  # trees read + written
 
 
 def abstract_tree(preset: str, layers: int | None, dtype: str):
@@ -111,34 +113,34 @@ def main(argv: list[str] | None = None) -> int:
           f"output {m.output_size_in_bytes / GIB:.2f} GiB, aliased to arguments {m.alias_size_in_bytes / GIB:.2f} GiB, "
           f"temporaries {m.temp_size_in_bytes / 2**20:.1f} MiB")
     zero = jnp.float32(0.0)
-    runs = {  # name -> fn(fresh memorised tree)
-        "extrapolate": lambda mem: extrapolate(ref, mem, ALPHA),
-        "copy": lambda mem: _copy_in_place(mem, zero),
-        "copy-new": lambda mem: _copy_new(mem),
-        "sum": lambda mem: _sum(ref, mem),
+    runs = {  # name -> fn(fresh memorised tree, a second fresh tree)
+        "extrapolate": lambda mem, _: extrapolate(ref, mem, ALPHA),
+        "copy": lambda mem, _: _copy_in_place(mem, zero),
+        "copy-both": lambda mem, other: _copy_in_place((mem, other), zero),
+        "copy-new": lambda mem, _: _copy_new(mem),
+        "sum": lambda mem, _: _sum(ref, mem),
     }
-    jax.block_until_ready(runs["extrapolate"](mem))  # compile and warm up, extrapolation alone first
-    jax.block_until_ready(runs["extrapolate"](_perturbed(ref)))
+    jax.block_until_ready(runs["extrapolate"](mem, None))  # compile and warm up, extrapolation alone first
+    jax.block_until_ready(runs["extrapolate"](_perturbed(ref), None))
     rss_extrapolate = peak_rss_gib()
     for name, fn in runs.items():
         if name != "extrapolate":
-            jax.block_until_ready(fn(_perturbed(ref)))
+            jax.block_until_ready(fn(_perturbed(ref), _perturbed(ref) if name == "copy-both" else None))
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(a.repeats):  # alternating, each on a fresh memorised tree
+    for _ in range(a.repeats):  # alternating, each on fresh trees
         for name, fn in runs.items():
-            mem = jax.block_until_ready(_perturbed(ref))
-            times[name].append(timed(fn, mem))
-            del mem
+            trees = [jax.block_until_ready(_perturbed(ref)) for _ in range(2 if name == "copy-both" else 1)] + [None]
+            times[name].append(timed(fn, *trees[:2]))
+            del trees
     rss_all = peak_rss_gib()
 
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(f"{k:<12} median {med[k]:.3f} s  ({', '.join(f'{t:.3f}' for t in v)})  "
-              f"{tree_bytes / GIB / med[k]:.2f} GiB/s written")
-    print(f"extrapolate / copy {med['extrapolate'] / med['copy']:.2f}x, extrapolate / copy-new "
-          f"{med['extrapolate'] / med['copy-new']:.2f}x, extrapolate / sum {med['extrapolate'] / med['sum']:.2f}x")
+              f"{TRAFFIC[k]} trees read+written, {TRAFFIC[k] * tree_bytes / GIB / med[k]:.2f} GiB/s")
+    print("extrapolate / " + ", ".join(f"{k} {med['extrapolate'] / med[k]:.2f}x" for k in med if k != "extrapolate"))
     print(f"peak RSS: {rss_start:.2f} GiB at start, {rss_extrapolate:.2f} GiB after two extrapolations "
-          f"(ref + mem = {2 * tree_bytes / GIB:.2f} GiB), {rss_all:.2f} GiB after all runs (copy-new holds a third tree)")
+          f"(ref + mem = {2 * tree_bytes / GIB:.2f} GiB), {rss_all:.2f} GiB after all runs (copy-both and copy-new hold a third tree)")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("command: python " + " ".join(sys.argv))
     return 0
