@@ -12,6 +12,8 @@ Exit status (the one exit path of every command):
   2  a usage error (unknown command, bad or missing options)
   130 / 143  stopped by SIGINT (Ctrl-C) / SIGTERM: a training command finishes the step in flight,
      writes a checkpoint and prints "interrupted at step N; rerun the same command to resume"
+Every command but `plan` (which measures compile time) uses JAX's persistent compilation cache,
+so a rerun skips compilation; see `jaxunlearn.compile_cache` (JAXUNLEARN_COMPILE_CACHE=DIR or off).
 Set JAXUNLEARN_DEBUG=1 to get the traceback instead of the one line. Any other exception is a bug
 and keeps its traceback.
 
@@ -37,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("jaxunlearn.data.cli", "main", "validate a benchmark and print its split sizes"),
     "plan": ("jaxunlearn.plan", "main", "per-device memory, FLOPs and compile time of a train step (AOT)"),
 }
+
+NO_COMPILE_CACHE = {"plan"}  # reports compile time and memory of a fresh compilation
 
 EXIT_ERROR = 1  # an expected failure (see the module docstring)
 EXIT_USAGE = 2  # unknown command or bad options (argparse uses 2 too)
@@ -103,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             from jaxunlearn import distributed
 
             distributed.initialize(**cluster)  # before the command touches any device
+            if name not in NO_COMPILE_CACHE:
+                from jaxunlearn import compile_cache
+
+                compile_cache.enable()
         with interruptible():
             return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except Interrupted as err:

@@ -8,12 +8,15 @@
 Runs through the same code as the CLI (`jaxunlearn.runner`): run directories DIR/reference
 and DIR/unlearn hold the checkpoints and metrics, and rerunning resumes. The settings are
 `DEMO` below (mirrored by experiments/configs/demo_finetune.yaml and demo_unlearn.yaml); `--fast` shortens both stages for
-tests. Sized to finish in about a minute or two on two CPU cores.
+tests. Sized to finish in about a minute on two CPU cores; it prints the time of each phase (also
+logged as the `demo_seconds` event in DIR/unlearn/metrics.jsonl). Through the `jaxunlearn` command a
+second run loads its compiled programs from the persistent compilation cache (jaxunlearn.compile_cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import pathlib
 import sys
@@ -84,16 +87,21 @@ def _scorer(setup):
     return _SCORERS[key]
 
 
-def before_after(out: pathlib.Path, cfg, bench, tokenizer) -> dict[str, dict[str, tuple[float, float]]]:
-    """{model: {split: (mean NLL, mean P(a|q))}} for the reference and the forget model."""
+def load_models(out: pathlib.Path, cfg) -> tuple[object, dict]:
+    """(model setup, {name: params}) of the reference and the forget model of the demo's unlearning run."""
     from jaxunlearn.rundir import load_run_params
 
     run = out / "unlearn"
-    splits = {"forget": bench.forget, "retain": bench.retain_perturbed, "holdout": bench.holdout}
-    table = {}
     setup, ref, _ = load_run_params(run, "reference")
     _, forget, _ = load_run_params(run, "forget", alpha=cfg.method.params.alpha, mesh=setup.mesh)
-    for name, params in (("reference", ref), (f"forget (alpha={cfg.method.params.alpha:g})", forget)):
+    return setup, {"reference": ref, f"forget (alpha={cfg.method.params.alpha:g})": forget}
+
+
+def before_after(setup, models: dict, cfg, bench, tokenizer) -> dict[str, dict[str, tuple[float, float]]]:
+    """{model: {split: (mean NLL, mean P(a|q))}} for each of `models` (name -> params)."""
+    splits = {"forget": bench.forget, "retain": bench.retain_perturbed, "holdout": bench.holdout}
+    table = {}
+    for name, params in models.items():
         table[name] = {}
         for split, rows in splits.items():
             nll = split_nll(setup, params, tokenizer, cfg, rows)
@@ -101,23 +109,20 @@ def before_after(out: pathlib.Path, cfg, bench, tokenizer) -> dict[str, dict[str
     return table
 
 
-def tofu_style(out: pathlib.Path, cfg, bench, tokenizer, max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
-    """TOFU metrics (jaxunlearn.evals) of the reference and forget model on the synthetic benchmark:
+def tofu_style(setup, models: dict, cfg, bench, tokenizer, max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+    """TOFU metrics (jaxunlearn.evals) of each of `models` (name -> params) on the synthetic benchmark:
     forget / retain answer probability, truth-ratio score and ROUGE-L recall of greedy answers
     (up to `max_new_tokens`), and model utility."""
     from jaxunlearn.data import prompt_format_for
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.evals.tofu import evaluate_tofu
-    from jaxunlearn.rundir import load_run_params
 
-    run = out / "unlearn"
-    setup, ref, _ = load_run_params(run, "reference")
-    _, forget, _ = load_run_params(run, "forget", alpha=cfg.method.params.alpha, mesh=setup.mesh)
     fmt = prompt_format_for(tokenizer, cfg.data.prompt_format)
-    ev = Evaluator.create(setup.graphdef, ref, setup.model_cfg, tokenizer, fmt, mesh=setup.mesh, batch_size=EVAL_BATCH,
+    first = next(iter(models.values()))
+    ev = Evaluator.create(setup.graphdef, first, setup.model_cfg, tokenizer, fmt, mesh=setup.mesh, batch_size=EVAL_BATCH,
                           buckets=(max(cfg.data.buckets),), max_len=max(cfg.data.buckets))
     table = {}
-    for name, params in (("reference", ref), (f"forget (alpha={cfg.method.params.alpha:g})", forget)):
+    for name, params in models.items():
         summary, _ = evaluate_tofu(ev.with_params(params), bench, max_new_tokens=max_new_tokens, with_mia=False)
         table[name] = {
             "forget P": summary["forget"]["prob"],
@@ -147,34 +152,61 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+class PhaseTimer:
+    """Wall-clock seconds per named phase, in order: `with timer("name"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def format(self) -> str:
+        total = sum(self.seconds.values())
+        lines = [f"  {name:<36}{secs:>7.1f} s" for name, secs in self.seconds.items()]
+        return "\n".join(["time per phase:"] + lines + [f"  {'total':<36}{total:>7.1f} s"])
+
+
 def run_demo(out: str | pathlib.Path, fast: bool = False, tofu: bool = True, log=print) -> dict:
     """Fine-tune, unlearn, extrapolate and evaluate; returns the before/after table."""
     from jaxunlearn import rundir, runner
 
     out = pathlib.Path(out)
     cfgs = demo_configs(fast)
-    t0 = time.time()
-    log(f"[1/3] fine-tuning the reference on the synthetic benchmark -> {out / 'reference'}")
-    runner.finetune(cfgs["finetune"], out / "reference", split="full")
-    log(f"      done in {time.time() - t0:.0f}s")
-    t1 = time.time()
-    log(f"[2/3] MOX: memorise the forget set, extrapolate alpha={cfgs['unlearn'].method.params.alpha:g} -> {out / 'unlearn'}")
-    runner.unlearn(cfgs["unlearn"], out / "unlearn", reference=str(out / "reference"))
-    log(f"      done in {time.time() - t1:.0f}s")
-    log("[3/3] evaluating (mean answer NLL and P(a|q) = exp(-NLL), per split)")
     cfg = cfgs["unlearn"]
-    bench = rundir.load_benchmark(cfg.data)
-    tokenizer = rundir.load_tokenizer(cfg, bench)
-    table = before_after(out, cfg, bench, tokenizer)
+    timer = PhaseTimer()
+    log(f"[1/3] fine-tuning the reference on the synthetic benchmark -> {out / 'reference'}")
+    with timer("fine-tune the reference"):
+        runner.finetune(cfgs["finetune"], out / "reference", split="full")
+    log(f"      done in {timer.seconds['fine-tune the reference']:.0f}s")
+    log(f"[2/3] MOX: memorise the forget set, extrapolate alpha={cfg.method.params.alpha:g} -> {out / 'unlearn'}")
+    with timer("MOX: memorise + extrapolate"):
+        runner.unlearn(cfg, out / "unlearn", reference=str(out / "reference"))
+    log(f"      done in {timer.seconds['MOX: memorise + extrapolate']:.0f}s")
+    log("[3/3] evaluating (mean answer NLL and P(a|q) = exp(-NLL), per split)")
+    with timer("load benchmark, tokenizer, models"):
+        bench = rundir.load_benchmark(cfg.data)
+        tokenizer = rundir.load_tokenizer(cfg, bench)
+        setup, models = load_models(out, cfg)
+    with timer("evaluate: NLL table"):
+        table = before_after(setup, models, cfg, bench, tokenizer)
     log("")
     log(format_table(table))
     ck.append_metrics(out / "unlearn", {"event": "demo_table", "table": table})
     if tofu:
         log("\nTOFU-style metrics (jaxunlearn.evals; TR = truth-ratio score, ROUGE = ROUGE-L recall of greedy answers)")
-        metrics = tofu_style(out, cfg, bench, tokenizer)
+        with timer("evaluate: TOFU metrics (generation)"):
+            metrics = tofu_style(setup, models, cfg, bench, tokenizer)
         log(format_metrics(metrics))
         ck.append_metrics(out / "unlearn", {"event": "demo_tofu", "table": metrics})
-    log(f"\ntotal {time.time() - t0:.0f}s; run directories under {out}")
+    log("\n" + timer.format())
+    ck.append_metrics(out / "unlearn", {"event": "demo_seconds", "seconds": timer.seconds})
+    log(f"run directories under {out}")
     return table
 
 

@@ -29,12 +29,15 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert demo.main(["--fast", "--no-tofu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "forget NLL" in out and "reference" in out
+    assert "time per phase" in out and "fine-tune the reference" in out and "total" in out
     ref_run, run = tmp_path / "reference", tmp_path / "unlearn"
     # the unlearning run's reference is the fine-tuned model, hash-identical
     assert ck.reference_hash(ref_run) == ck.reference_hash(run)
     assert [m["alpha"] for m in ck.list_forget(run)] == [4.0]
     table = [r for r in ck.read_metrics(run) if r.get("event") == "demo_table"][0]["table"]
     assert sorted(table) == ["forget (alpha=4)", "reference"]
+    seconds = [r for r in ck.read_metrics(run) if r.get("event") == "demo_seconds"][0]["seconds"]
+    assert all(s > 0 for s in seconds.values()) and "evaluate: NLL table" in seconds
     for row in table.values():
         assert set(row) == {"forget", "retain", "holdout"}
         assert all(math.isfinite(v) for pair in row.values() for v in pair)
