@@ -92,16 +92,13 @@ class Runner:
 
 
 def use_compile_cache(folder: pathlib.Path) -> None:
-    """Persist XLA compilations: the many evaluations of one model shape then compile once (kept when
-    a cache folder is already set, e.g. by JAX_COMPILATION_CACHE_DIR or an earlier script in this process)."""
-    import jax
+    """The library's persistent compilation cache (jaxunlearn.compile_cache) in `folder`, unless
+    JAXUNLEARN_COMPILE_CACHE already names a folder or `off`: the many evaluations of one model shape
+    then compile once, also the jaxunlearn commands this process runs."""
+    from jaxunlearn import compile_cache
 
-    if jax.config.jax_compilation_cache_dir:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    os.environ.setdefault(compile_cache.ENV, str(folder))
+    compile_cache.enable()
 
 
 # ----------------------------------------------------------------------------- models and data
