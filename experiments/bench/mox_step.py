@@ -150,10 +150,11 @@ def build_torch(cfg, weights: dict, data: dict, dtype: str):
 
 
 # ----------------------------------------------------------------------------- timing
-def timed(fn, steps: int) -> float:
-    start = time.perf_counter()
+def timed(fn, steps: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(steps)."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn(steps)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -161,19 +162,26 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--rounds", type=int, default=3, help="alternations (each times both sides)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side per round")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for both (default: every core); 1 = single-threaded XLA and torch, whose "
+                             "CPU time per step is a fair measure even on a busy machine")
     parser.add_argument("--only", choices=("both", "jax", "torch"), default="both",
                         help="time one side only (profiling); the ratio needs both")
     args = parser.parse_args()
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         print("note: XLA_FLAGS forces several host devices; the benchmark uses one", file=sys.stderr)
 
+    if args.threads:  # before JAX starts its CPU backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                                   f"{'false' if args.threads == 1 else 'true'} "
+                                   f"intra_op_parallelism_threads={args.threads}").strip()
     import jax
     import torch
 
     from jaxunlearn.models import ModelConfig, init_model
     from jaxunlearn.models.hf import hf_state_dict
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.dtype == "bf16" and not ("avx512_bf16" in open("/proc/cpuinfo").read() or
                                      "amx_bf16" in open("/proc/cpuinfo").read()):
         print("note: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16); bf16 will be emulated",
@@ -217,16 +225,23 @@ def main() -> None:
         print(f"first-step loss difference |jax - torch| = {abs(jax_loss - torch_loss):.3e}")
 
     rates = {name: [] for name in sides}
+    cpu_ms = {name: [] for name in sides}
     for r in range(args.rounds):
         for name, fn in sides.items():
-            rates[name].append(tokens * args.steps / timed(fn, args.steps))
-        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f} tokens/s" for n, v in rates.items()), flush=True)
+            wall, cpu = timed(fn, args.steps)
+            rates[name].append(tokens * args.steps / wall)
+            cpu_ms[name].append(cpu / args.steps * 1e3)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f} tokens/s ({cpu_ms[n][-1]:.0f} CPU ms/step)"
+                                             for n, v in rates.items()), flush=True)
     for name, v in rates.items():
-        print(f"{name}: median {statistics.median(v):.0f} tokens/s (rounds {', '.join(f'{x:.0f}' for x in v)})")
+        print(f"{name}: median {statistics.median(v):.0f} tokens/s (rounds {', '.join(f'{x:.0f}' for x in v)}); "
+              f"CPU time median {statistics.median(cpu_ms[name]):.0f} ms/step")
     if len(sides) == 2:
         ratios = [a / b for a, b in zip(rates["jaxunlearn"], rates["torch"])]
-        print(f"ratio jaxunlearn/torch: median {statistics.median(ratios):.2f} "
-              f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+        cpu_ratios = [b / a for a, b in zip(cpu_ms["jaxunlearn"], cpu_ms["torch"])]
+        print(f"ratio jaxunlearn/torch (throughput): median {statistics.median(ratios):.2f} "
+              f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); by CPU time per step: median "
+              f"{statistics.median(cpu_ratios):.2f}")
     print(f"dtype {args.dtype}; {tokens} tokens/step; jax {jax.__version__}, torch {torch.__version__}, "
           f"threads torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

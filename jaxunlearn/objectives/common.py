@@ -41,26 +41,23 @@ TokenFn = Callable[[jax.Array, "jax.Array | None", jax.Array, jax.Array], jax.Ar
 def per_token(apply, params, data, fn: TokenFn, ref_params=None, hidden=None) -> jax.Array:
     """Values [B, T-1] of `fn` at every next-token position of one batch dict.
 
-    fn receives float32 logits (`ref_logits` the frozen reference's, under stop_gradient, when
-    ref_params is given, else None), the next-token targets (labels shifted by one, IGNORE replaced
-    by 0) and the float mask of scored targets; it returns one value per position. It may be handed
-    every position 0..T-1 (the last one, which has no next token, with target 0 and mask 0): the
-    logits are never sliced to T-1 positions, which would copy them (and pad their gradient back).
+    fn receives float32 logits at positions 0..T-2 (`ref_logits` the frozen reference's, under
+    stop_gradient, when ref_params is given, else None), the next-token targets (labels[:, 1:],
+    IGNORE replaced by 0) and the float mask of scored targets; it returns one value per position.
 
     Memory: when `apply` has `.hidden`/`.head` and a positive `loss_chunk` (see `with_loss_chunk`)
     shorter than the sequence, the model runs once to hidden states and `fn` is evaluated one
     chunk of `loss_chunk` positions at a time under jax.checkpoint, so at most one chunk of
     float32 [B, loss_chunk, V] logits (per model) is alive, in the forward and the backward pass.
-    Otherwise (chunking off, or a short sequence) the full logits are built, once.
+    Otherwise (a plain apply function, chunking off, or a short sequence) the full logits are built.
     `hidden`: the model's hidden states of `data`, already computed (see `joint_hidden`).
     """
     ids, mask = data["input_ids"], data["attention_mask"]
-    if not hasattr(apply, "hidden"):  # a plain logits function
+    if hidden is None and not chunks_losses(apply, ids.shape[1]):
         return _per_token_full(apply, params, data, fn, ref_params)
     h = apply.hidden(params, ids, mask) if hidden is None else hidden
     ref_h = None if ref_params is None else jax.lax.stop_gradient(apply.hidden(ref_params, ids, mask))
-    size = loss_chunk_of(apply) if chunks_losses(apply, ids.shape[1]) else ids.shape[1]
-    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, size)
+    return _chunked_values(apply.head, params, ref_params, h, ref_h, data["labels"], fn, loss_chunk_of(apply))
 
 
 def chunks_losses(apply, length: int) -> bool:
@@ -73,12 +70,11 @@ def joint_hidden(apply, params, datas) -> list[jax.Array] | None:
     """Hidden states of several batch dicts from ONE pass of the model (rows padded on the right to
     the longest sequence, which changes no earlier position), so that the backward pass runs the
     layers once and builds one parameter gradient instead of one per batch (each a full-size fp32
-    copy of the stacked layers), with matrix products twice as tall. Rows are grouped per batch
-    shard (every shard holds its own rows of each batch, nothing moves between devices). None when
-    `apply` has no `.hidden` (then each batch takes its own pass) or a batch does not split over
-    the shards."""
+    copy of the stacked layers). Rows are grouped per batch shard (every shard holds its own rows of
+    each batch, nothing moves between devices). None when per_token would not chunk (then each
+    batch takes its own pass) or a batch does not split over the shards."""
     length = max(d["input_ids"].shape[1] for d in datas)
-    if not hasattr(apply, "hidden"):
+    if not all(chunks_losses(apply, d["input_ids"].shape[1]) for d in datas):
         return None
     mesh = getattr(apply, "mesh", None)
     n = 1 if mesh is None else batch_shards(mesh)
@@ -98,54 +94,44 @@ def joint_hidden(apply, params, datas) -> list[jax.Array] | None:
             for lo, hi, d in zip(bounds[:-1], bounds[1:], datas)]
 
 
-def next_targets(labels: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
-    """(targets [B, length], float mask [B, length]): position t's target is labels[:, t+1] (IGNORE
-    replaced by 0, mask 0), positions from T-1 on get target 0 with mask 0."""
-    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, length - labels.shape[1] + 1)), constant_values=ops.IGNORE)
-    return jnp.where(targets == ops.IGNORE, 0, targets), (targets != ops.IGNORE).astype(jnp.float32)
-
-
 def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
-    """per_token with the full [B, T, V] logits of both models from a plain logits function."""
+    """per_token with the full [B, T, V] logits of both models."""
     logits = apply(params, data["input_ids"], data["attention_mask"])
     ref_logits = None
     if ref_params is not None:
         ref_logits = jax.lax.stop_gradient(apply(ref_params, data["input_ids"], data["attention_mask"]))
-        ref_logits = ref_logits.astype(jnp.float32)
-    targets, mask = next_targets(data["labels"], logits.shape[1])
-    return fn(logits.astype(jnp.float32), ref_logits, targets, mask)[:, :-1]
+        ref_logits = ref_logits[:, :-1].astype(jnp.float32)
+    logits, targets, mask = ops.shift_labels(logits, data["labels"])
+    return fn(logits.astype(jnp.float32), ref_logits, targets, mask)
 
 
 def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int) -> jax.Array:
     """fn over sequence chunks of `size` positions of hidden states h [B, T, D] -> [B, T-1].
 
     Position t is scored against labels[t+1]; the last position (no next token) and the padding
-    up to a multiple of `size` get target 0 with mask 0 and are dropped from the result. One chunk
-    (size >= T) is computed directly: no scan and no rematerialisation of its logits.
+    up to a multiple of `size` get target 0 with mask 0 and are dropped from the result.
     """
     b, t = labels.shape
     n = -(-t // size)
-    targets, mask = next_targets(labels, n * size)
-
-    def values(params, ref_params, h_c, ref_c, t_c, m_c):
-        ref_logits = None
-        if ref_c is not None:
-            ref_logits = jax.lax.stop_gradient(head(ref_params, ref_c)).astype(jnp.float32)
-        return fn(head(params, h_c).astype(jnp.float32), ref_logits, t_c, m_c)
-
-    if n == 1:
-        pad = ((0, 0), (0, size - t), (0, 0))
-        ref_h = None if ref_h is None else jnp.pad(ref_h, pad)
-        return values(params, ref_params, jnp.pad(h, pad), ref_h, targets, mask)[:, : t - 1]
+    pad = n * size - t
+    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1 + pad)), constant_values=ops.IGNORE)
+    mask = (targets != ops.IGNORE).astype(jnp.float32)
+    targets = jnp.where(targets == ops.IGNORE, 0, targets)
 
     def chunks(x):  # [B, T', ...] -> [n, B, size, ...]
         x = jnp.pad(x, ((0, 0), (0, n * size - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
 
-    one_chunk = jax.checkpoint(values)
+    @jax.checkpoint
+    def one_chunk(params, ref_params, h_c, ref_c, t_c, m_c):
+        ref_logits = None
+        if ref_c is not None:
+            ref_logits = jax.lax.stop_gradient(head(ref_params, ref_c)).astype(jnp.float32)
+        return fn(head(params, h_c).astype(jnp.float32), ref_logits, t_c, m_c)
+
     xs = (chunks(h), None if ref_h is None else chunks(ref_h), chunks(targets), chunks(mask))
-    out = jax.lax.map(lambda x: one_chunk(params, ref_params, *x), xs)  # [n, B, size]
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * size)[:, : t - 1]
+    values = jax.lax.map(lambda x: one_chunk(params, ref_params, *x), xs)  # [n, B, size]
+    return jnp.moveaxis(values, 0, 1).reshape(b, n * size)[:, : t - 1]
 
 
 def loss_chunk_of(apply) -> int:
