@@ -3,6 +3,7 @@
     python experiments/bench/mox_step.py                  # fp32, 3 alternations of 4 steps each
     python experiments/bench/mox_step.py --dtype bf16     # bfloat16 compute, float32 parameters
     python experiments/bench/mox_step.py --rounds 5 --steps 6
+    python experiments/bench/mox_step.py --threads 1      # single-threaded: CPU time per step is fair under load
 
 The step (issue 12): a Llama of 4 layers x 256 hidden, 4 heads, intermediate 688, vocab 8192; a forget
 batch of 8 x 128 and a retain batch of 8 x 128 tokens (right-padded, random lengths); the MOX loss
@@ -21,7 +22,7 @@ Both run in this one process, alternating: each round times `--steps` steps of o
 warm-up/compilation), `--rounds` rounds. Both use the 2 cores (torch.set_num_threads, XLA's default
 intra-op pool). Printed: the first-step loss of both (and their difference: same weights and batch, so it
 must be tiny in fp32), tokens/s per round (forget + retain tokens, padding included, as both compute
-them), the median ratio jaxunlearn/torch, the load average and the command line.
+them), the median ratio jaxunlearn/torch (also by CPU time per step), the load average and the command line.
 """
 
 from __future__ import annotations
