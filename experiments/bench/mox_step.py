@@ -208,7 +208,8 @@ def main() -> None:
                 state["p"], state["o"], loss = run(state["p"], state["o"])
             jax.block_until_ready(loss)
 
-        jax_steps(1)  # warm-up
+        state["p"], state["o"], loss = run(state["p"], state["o"])  # warm-up; after one AdamW update
+        jax_loss2 = float(loss)
         sides["jaxunlearn"] = jax_steps
     if args.only in ("both", "torch"):
         torch_step = build_torch(cfg, weights, data, args.dtype)
@@ -220,10 +221,11 @@ def main() -> None:
             for _ in range(n):
                 torch_step()
 
-        torch_steps(1)  # warm-up
+        torch_loss2 = float(torch_step())  # warm-up; after one AdamW update
         sides["torch"] = torch_steps
-    if len(sides) == 2:
-        print(f"first-step loss difference |jax - torch| = {abs(jax_loss - torch_loss):.3e}")
+    if len(sides) == 2:  # step 1: policy == reference, so KL = 0; step 2 checks the KL and the update too
+        print(f"loss difference |jax - torch|: step 1 {abs(jax_loss - torch_loss):.3e}, "
+              f"step 2 {abs(jax_loss2 - torch_loss2):.3e} (losses {jax_loss2:.7f}, {torch_loss2:.7f})")
 
     rates = {name: [] for name in sides}
     cpu_ms = {name: [] for name in sides}
