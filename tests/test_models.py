@@ -325,3 +325,30 @@ def test_run_config_model_options_reach_the_model():
         from_dict({"model": {"remat": "minimal"}})
     with pytest.raises(ConfigError, match=r"model\.attention: unknown attention 'flash' \(one of xla, cudnn\)"):
         from_dict({"model": {"attention": "flash"}})
+
+
+def test_single_cpu_device_products_equal_plain_products(tokens, monkeypatch):
+    """The one-CPU-device matrix products (decoder.contract's custom VJP, transposing the smaller operand of
+    the weight gradient) give the logits and gradients of plain dot_general, fp32 and bf16, tied and
+    untied heads, remat on; the suite's 8 simulated devices would otherwise never take that path."""
+    from jaxunlearn.models import decoder
+
+    for preset, dtype, remat in (("tiny-llama-gqa", "float32", "none"), ("tiny-phi", "float32", "full"),
+                                 ("tiny-llama", "bfloat16", "dots")):
+        cfg = ModelConfig.preset(preset, vocab_size=VOCAB, remat=remat)
+        graphdef, params = split_params(init_model(cfg, seed=1, dtype=dtype))
+        apply = make_apply(graphdef)
+        results = []
+        for custom in (False, True):
+            monkeypatch.setattr(decoder, "transposes_smaller_operand", lambda c=custom: c)
+            results.append(jax.jit(jax.value_and_grad(lambda p: _loss(apply, p, tokens)))(params))
+        (want, want_g), (got, got_g) = results
+        tol = 1e-5 if dtype == "float32" else 2e-2
+        np.testing.assert_allclose(got, want, rtol=tol)
+        for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol * 1e-2)
+
+
+def _loss(apply, params, tokens):
+    logits = apply(params, tokens)
+    return jax.nn.logsumexp(logits, -1).mean() - logits[..., 0].mean()

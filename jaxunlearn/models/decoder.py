@@ -38,6 +38,7 @@ attend to slot j iff j <= s and kv_mask[b, j] == 1.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -91,6 +92,60 @@ def _param(rng: NormalSource | None, shape, axes, param_dtype, init: str = "norm
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype=None) -> jax.Array:
+    """x . kernel over x's last `n_in` dims and kernel's first `n_in` dims (out_dtype: the accumulation and
+    result dtype; default the inputs' dtype).
+
+    On one CPU device (`transposes_smaller_operand`) the product runs as one [M, K] x [K, N] matrix
+    product whose weight gradient transposes the smaller of its two [M, .] operands first
+    (`_matmul`): XLA:CPU otherwise contracts the gradient's leading M axis by copying the larger one
+    transposed (the [tokens, vocab] logits gradient, the [tokens, mlp] activations' gradient), a
+    strided copy that cost about 16% of the 2-core MOX step (experiments/bench/README.md). Same
+    products, same gradients; other backends and meshes keep the plain dot_general."""
+    if not transposes_smaller_operand():
+        axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, kernel, (axes, ((), ())), preferred_element_type=out_dtype)
+    lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
+    k = int(np.prod(kernel.shape[:n_in]))
+    y = _matmul(x.reshape(-1, k), kernel.reshape(k, -1), None if out_dtype is None else jnp.dtype(out_dtype))
+    return y.reshape(*lead, *out)
+
+
+def transposes_smaller_operand() -> bool:
+    """Whether `contract` uses `_matmul` (a single CPU device)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def _dot(a, b, out_dtype):
+    """a [M, K] . b [K, N] accumulated in out_dtype (inputs promoted to one dtype)."""
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (0,)), ((), ())),
+                               preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, w, out_dtype):
+    return _dot(x, w, out_dtype)
+
+
+def _matmul_fwd(x, w, out_dtype):
+    return _dot(x, w, out_dtype), (x, w)
+
+
+def _matmul_bwd(out_dtype, res, g):
+    x, w = res
+    dx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # the barrier keeps XLA from folding the transpose back into the product
+    if w.shape[0] <= w.shape[1]:  # x [M, K] is the smaller: dW = x^T g
+        dw = _dot(jax.lax.optimization_barrier(x.T), g, jnp.float32)
+    else:  # g [M, N] is the smaller: dW = (g^T x)^T
+        dw = _dot(jax.lax.optimization_barrier(g.T), x, jnp.float32).T
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nnx.Module):
     """y = x . kernel (+ bias); kernel of any rank: contracts `n_in` leading kernel dims with x's trailing dims."""
 
@@ -101,10 +156,7 @@ class Dense(nnx.Module):
         self.bias = _param(rng, tuple(out_shape), tuple(out_axes), param_dtype, init="zeros") if bias else None
 
     def __call__(self, x):
-        k = self.kernel[...].astype(self.dtype)
-        n = self.n_in
-        y = jax.lax.dot_general(x.astype(self.dtype), k,
-                                ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        y = contract(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -502,7 +554,7 @@ class CausalLM(nnx.Module):
             kernel = self.embed_tokens.embedding[...].astype(self.dtype).T
         else:
             kernel = self.lm_head.kernel[...].astype(self.dtype)
-        logits = jnp.einsum("...e,ev->...v", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        logits = contract(x.astype(self.dtype), kernel, 1, jnp.float32)
         if self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return constrain(logits, ACT_VOCAB) if logits.ndim == 3 else logits
