@@ -27,7 +27,8 @@ policy named by ModelConfig.remat. Attention is jax.nn.dot_product_attention (Mo
 the fewer key/value heads as they are.
 
 KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"} arrays stacked over
-layers, [num_layers, B, max_len, num_kv_heads, head_dim]; `make_decode(graphdef)` gives
+layers, [num_layers, B, num_kv_heads, head_dim, max_len] (slots last: the layout both attention matmuls read
+without a transposed copy); `make_decode(graphdef)` gives
 `decode(params, input_ids[B,S], positions[B,S], kv_mask[B,max_len], cache, cache_index) -> (logits, cache)`,
 which writes the S new keys/values at slots [cache_index, cache_index + S) and lets the query at slot s
 attend to slot j iff j <= s and kv_mask[b, j] == 1.
@@ -36,7 +37,7 @@ attend to slot j iff j <= s and kv_mask[b, j] == 1.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -290,11 +291,7 @@ class Attention(nnx.Module):
         v = checkpoint_name(constrain(self.v_proj(x), ACT_KV_HEADS), "value_proj")
         implementation = self.implementation
         if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),
-                                                        cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
-                                                        cache_index, axis=1)
-            cache = {"key": k_all, "value": v_all}
+            cache, k_all, v_all = write_cache(cache, k, v, cache_index)
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
             implementation = "xla"  # queries sit at cache slots, not 0..T-1: cuDNN's causal mask does not apply
         if implementation == "cudnn" and jax.default_backend() != "gpu":
@@ -446,8 +443,8 @@ class CausalLM(nnx.Module):
 
         The layers run as a jax.lax.scan over the stacked layer parameters (`config.scan_layers`), or as a
         Python loop over the same parameters; each layer under jax.checkpoint with `config.remat`'s policy
-        when there is no cache. With a cache ({"key", "value"} [L, B, S, kv_heads, head_dim]), its
-        per-layer slices travel through the scan with the parameters."""
+        when there is no cache. With a cache ({"key", "value"} [L, B, kv_heads, head_dim, S]), the whole
+        stacked cache travels through the scan as carry and each layer updates its slots in place."""
         cfg = self.config
         n = cfg.num_layers if num_layers is None else int(num_layers)
         if not 0 <= n <= cfg.num_layers:
@@ -462,27 +459,31 @@ class CausalLM(nnx.Module):
         cos, sin = rope_tables(cfg, positions)
         graphdef, state = nnx.split(self.layers)
         windows = _window_array(cfg.layer_windows)
-        xs = (state, windows, cache)
+        xs = (state, windows, jnp.arange(n, dtype=jnp.int32))
         if n < cfg.num_layers:
             xs = jax.tree.map(lambda a: a[:n], xs)
 
-        def body(x, layer_xs):
-            layer_state, window, layer_cache = layer_xs
+        # the stacked cache is carried whole and each layer writes its new slots in place (a cache passed
+        # through the scan as per-layer slices would be copied whole at every decoding step)
+        def body(carry, layer_xs):
+            x, stacked = carry
+            layer_state, window, index = layer_xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, cos, sin, query_slots, kv_mask, window, layer_cache, cache_index)
+            layer_cache = None if stacked is None else LayerCache(stacked["key"], stacked["value"], index)
+            x, layer_cache = layer(x, cos, sin, query_slots, kv_mask, window, layer_cache, cache_index)
+            stacked = None if layer_cache is None else {"key": layer_cache.key, "value": layer_cache.value}
+            return (x, stacked), None
 
         if cfg.remat != "none" and cache is None:
             body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
         if n == 0:
             return x, cache
         if cfg.scan_layers:
-            return jax.lax.scan(body, x, xs)
-        outputs = []
+            return jax.lax.scan(body, (x, cache), xs)[0]
+        carry = (x, cache)
         for i in range(n):
-            x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs))
-            outputs.append(layer_cache)
-        new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outputs)
-        return x, new_cache
+            carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
+        return carry
 
     def logits_from_hidden(self, x):
         """Logits (float32) from final-normed hidden states of any leading shape [..., D]."""
@@ -588,10 +589,36 @@ def param_count(params) -> int:
 
 # --------------------------------------------------------------------------- KV cache
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> dict[str, jax.Array]:
-    """Zeroed KV cache {"key", "value"}, each stacked over layers: [num_layers, B, max_len, num_kv_heads,
-    head_dim]."""
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """Zeroed KV cache {"key", "value"}, each stacked over layers: [num_layers, B, num_kv_heads, head_dim,
+    max_len]."""
+    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, max_len)
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+class LayerCache(NamedTuple):
+    """What one layer's attention receives in decoding: the whole stacked cache and its layer's index."""
+
+    key: jax.Array  # [num_layers, B, kv_heads, head_dim, max_len]
+    value: jax.Array
+    layer: jax.Array  # int32 scalar
+
+
+def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, cache_index) -> tuple[LayerCache, jax.Array, jax.Array]:
+    """Write one layer's new keys/values [B, S, kv_heads, head_dim] at slots [cache_index, cache_index + S) of
+    the stacked cache (an in-place update of a loop-carried buffer); returns (cache, that layer's keys, values
+    [B, max_len, kv_heads, head_dim]). Slots are the cache's last axis, the layout both attention matmuls
+    read without a transposed copy."""
+    zero = jnp.zeros((), jnp.int32)
+    start = (cache.layer, zero, zero, zero, jnp.asarray(cache_index, jnp.int32))
+
+    def write(stacked, new):
+        stacked = jax.lax.dynamic_update_slice(stacked, jnp.transpose(new.astype(stacked.dtype), (0, 2, 3, 1))[None],
+                                               start)
+        return stacked, jnp.transpose(jax.lax.dynamic_index_in_dim(stacked, cache.layer, keepdims=False), (0, 3, 1, 2))
+
+    key, k_all = write(cache.key, k)
+    value, v_all = write(cache.value, v)
+    return LayerCache(key, value, cache.layer), k_all, v_all
 
 
 def make_decode(graphdef, mesh=None) -> Callable:
