@@ -129,7 +129,7 @@ def place_batch(batch: Mapping[str, np.ndarray], batch_sharding: Any = None) -> 
     (`jaxunlearn.data.host_slice`) to one global array (`to_global`).
     """
     if batch_sharding is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {k: jax.device_put(v) for k, v in batch.items()}  # (jnp.asarray would compile a program per shape)
     if jax.process_count() == 1:
         return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
     from jaxunlearn.data import host_slice, to_global
