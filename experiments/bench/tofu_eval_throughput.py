@@ -208,13 +208,15 @@ def jax_phase(args) -> int:
 
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     from jaxunlearn.data import bucket_ladder, prompt_format_for, synthetic_benchmark, synthetic_tokenizer
     from jaxunlearn.evals.evaluator import Evaluator
     from jaxunlearn.models import load_hf, split_params
 
+    # after importing jaxunlearn (whatever cache it sets up by default) and before anything compiles
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     _, splits, _ = load_rows(args)
     tok = synthetic_tokenizer(synthetic_benchmark(seed=0))
     model = load_hf(args.model_dir)
