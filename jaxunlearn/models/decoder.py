@@ -26,8 +26,8 @@ policy named by ModelConfig.remat. Attention is jax.nn.dot_product_attention (Mo
 "xla" or "cudnn") with a boolean causal + padding (+ sliding-window) mask; grouped-query attention passes
 the fewer key/value heads as they are.
 
-KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"} arrays stacked over
-layers, [num_layers, B, num_kv_heads, head_dim, max_len] (slots last: the layout both attention matmuls read
+KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"}, each a list of one
+[B, num_kv_heads, head_dim, max_len] array per layer (slots last: the layout both attention matmuls read
 without a transposed copy); `make_decode(graphdef)` gives
 `decode(params, input_ids[B,S], positions[B,S], kv_mask[B,max_len], cache, cache_index) -> (logits, cache)`,
 which writes the S new keys/values at slots [cache_index, cache_index + S) and lets the query at slot s
@@ -37,7 +37,7 @@ attend to slot j iff j <= s and kv_mask[b, j] == 1.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -443,8 +443,8 @@ class CausalLM(nnx.Module):
 
         The layers run as a jax.lax.scan over the stacked layer parameters (`config.scan_layers`), or as a
         Python loop over the same parameters; each layer under jax.checkpoint with `config.remat`'s policy
-        when there is no cache. With a cache ({"key", "value"} [L, B, kv_heads, head_dim, S]), the whole
-        stacked cache travels through the scan as carry and each layer updates its slots in place."""
+        when there is no cache. With a cache (decoding: {"key", "value"}, lists of per-layer
+        [B, kv_heads, head_dim, S] arrays) the layers run unrolled, each updating its own buffers in place."""
         cfg = self.config
         n = cfg.num_layers if num_layers is None else int(num_layers)
         if not 0 <= n <= cfg.num_layers:
@@ -459,31 +459,34 @@ class CausalLM(nnx.Module):
         cos, sin = rope_tables(cfg, positions)
         graphdef, state = nnx.split(self.layers)
         windows = _window_array(cfg.layer_windows)
-        xs = (state, windows, jnp.arange(n, dtype=jnp.int32))
+        xs = (state, windows)
         if n < cfg.num_layers:
             xs = jax.tree.map(lambda a: a[:n], xs)
 
-        # the stacked cache is carried whole and each layer writes its new slots in place (a cache passed
-        # through the scan as per-layer slices would be copied whole at every decoding step)
-        def body(carry, layer_xs):
-            x, stacked = carry
-            layer_state, window, index = layer_xs
+        def body(x, layer_xs, layer_cache=None):
+            layer_state, window = layer_xs
             layer = nnx.merge(graphdef, layer_state)
-            layer_cache = None if stacked is None else LayerCache(stacked["key"], stacked["value"], index)
-            x, layer_cache = layer(x, cos, sin, query_slots, kv_mask, window, layer_cache, cache_index)
-            stacked = None if layer_cache is None else {"key": layer_cache.key, "value": layer_cache.value}
-            return (x, stacked), None
+            return layer(x, cos, sin, query_slots, kv_mask, window, layer_cache, cache_index)
 
-        if cfg.remat != "none" and cache is None:
-            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
         if n == 0:
             return x, cache
+        if cache is not None:
+            # decoding: the layers unrolled, each with its own cache buffers updated in place (slicing one
+            # layer out of a cache stacked over layers copies it, for every layer at every step)
+            new_cache = {"key": [], "value": []}
+            for i in range(n):
+                x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs),
+                                      {"key": cache["key"][i], "value": cache["value"][i]})
+                new_cache["key"].append(layer_cache["key"])
+                new_cache["value"].append(layer_cache["value"])
+            return x, new_cache
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            return jax.lax.scan(body, (x, cache), xs)[0]
-        carry = (x, cache)
+            return jax.lax.scan(lambda x, layer_xs: (body(x, layer_xs)[0], None), x, xs)[0], None
         for i in range(n):
-            carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
-        return carry
+            x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
+        return x, None
 
     def logits_from_hidden(self, x):
         """Logits (float32) from final-normed hidden states of any leading shape [..., D]."""
@@ -589,36 +592,27 @@ def param_count(params) -> int:
 
 # --------------------------------------------------------------------------- KV cache
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> dict[str, jax.Array]:
-    """Zeroed KV cache {"key", "value"}, each stacked over layers: [num_layers, B, num_kv_heads, head_dim,
-    max_len]."""
-    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, max_len)
-    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+    """Zeroed KV cache {"key", "value"}, each a list of num_layers arrays [B, num_kv_heads, head_dim, max_len]
+    (separate buffers: each layer's slots are updated in place and read without slicing a stacked array)."""
+    shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, max_len)
+    return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for name in ("key", "value")}
 
 
-class LayerCache(NamedTuple):
-    """What one layer's attention receives in decoding: the whole stacked cache and its layer's index."""
-
-    key: jax.Array  # [num_layers, B, kv_heads, head_dim, max_len]
-    value: jax.Array
-    layer: jax.Array  # int32 scalar
-
-
-def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, cache_index) -> tuple[LayerCache, jax.Array, jax.Array]:
+def write_cache(cache: dict, k: jax.Array, v: jax.Array, cache_index) -> tuple[dict, jax.Array, jax.Array]:
     """Write one layer's new keys/values [B, S, kv_heads, head_dim] at slots [cache_index, cache_index + S) of
-    the stacked cache (an in-place update of a loop-carried buffer); returns (cache, that layer's keys, values
-    [B, max_len, kv_heads, head_dim]). Slots are the cache's last axis, the layout both attention matmuls
-    read without a transposed copy."""
+    its cache {"key", "value"} [B, kv_heads, head_dim, max_len] (in place when the cache is loop-carried);
+    returns (cache, keys, values [B, max_len, kv_heads, head_dim]). Slots are the last axis, the layout both
+    attention matmuls read without a transposed copy."""
     zero = jnp.zeros((), jnp.int32)
-    start = (cache.layer, zero, zero, zero, jnp.asarray(cache_index, jnp.int32))
+    start = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32))
 
-    def write(stacked, new):
-        stacked = jax.lax.dynamic_update_slice(stacked, jnp.transpose(new.astype(stacked.dtype), (0, 2, 3, 1))[None],
-                                               start)
-        return stacked, jnp.transpose(jax.lax.dynamic_index_in_dim(stacked, cache.layer, keepdims=False), (0, 3, 1, 2))
+    def write(buffer, new):
+        buffer = jax.lax.dynamic_update_slice(buffer, jnp.transpose(new.astype(buffer.dtype), (0, 2, 3, 1)), start)
+        return buffer, jnp.transpose(buffer, (0, 3, 1, 2))
 
-    key, k_all = write(cache.key, k)
-    value, v_all = write(cache.value, v)
-    return LayerCache(key, value, cache.layer), k_all, v_all
+    key, k_all = write(cache["key"], k)
+    value, v_all = write(cache["value"], v)
+    return {"key": key, "value": value}, k_all, v_all
 
 
 def make_decode(graphdef, mesh=None) -> Callable:
