@@ -591,7 +591,7 @@ def param_count(params) -> int:
 
 
 # --------------------------------------------------------------------------- KV cache
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> dict[str, jax.Array]:
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> dict[str, list[jax.Array]]:
     """Zeroed KV cache {"key", "value"}, each a list of num_layers arrays [B, num_kv_heads, head_dim, max_len]
     (separate buffers: each layer's slots are updated in place and read without slicing a stacked array)."""
     shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, max_len)
