@@ -17,7 +17,7 @@ from jaxunlearn.evals import cli, report
 from jaxunlearn.evals import metrics as M
 from jaxunlearn.evals.evaluator import Evaluator
 from jaxunlearn.evals.muse import evaluate_muse
-from jaxunlearn.evals.tofu import evaluate_tofu, load_forget_ratios
+from jaxunlearn.evals.tofu import evaluate_split, evaluate_splits, evaluate_tofu, load_forget_ratios
 from jaxunlearn.models import ModelConfig, init_model, split_params
 from jaxunlearn.sharding import make_mesh
 
@@ -360,6 +360,29 @@ def test_real_model_batched_equals_unbatched(ev, bench):
     for a, b in zip(batched, single):
         np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(a.match, b.match)
+
+
+def test_splits_evaluated_together_equal_one_at_a_time(ev, bench):
+    """evaluate_splits batches every split's answers and questions together: same records as split by split."""
+    splits = {"forget": bench.forget_perturbed, "real_authors": bench.extra_evals["real_authors"]}
+    together = evaluate_splits(ev, splits, N_NEW)
+    for name, rows in splits.items():
+        summary, records = evaluate_split(ev, rows, name, N_NEW)
+        assert together[name][0] == pytest.approx(summary, rel=1e-5, abs=1e-6)
+        for a, b in zip(together[name][1], records):
+            assert a["generation"] == b["generation"]
+            assert a["mean_nll"] == pytest.approx(b["mean_nll"], rel=1e-5)
+            assert a["perturbed_mean_nll"] == pytest.approx(b["perturbed_mean_nll"], rel=1e-5)
+
+
+def test_one_generation_program_per_call(model, tok):
+    """Prompts of two buckets in one generate call are left-padded to one width: one compiled program."""
+    graphdef, params = split_params(model)
+    ev = Evaluator.create(graphdef, params, model.config, tok, batch_size=2, buckets=(8, 16), max_len=16)
+    prompts = [[5] * 3, [6] * 4, [7] * 12]  # buckets 8, 8 and 16, in two batches
+    out = ev.generate_ids(prompts, 2)
+    assert [len(o) <= 2 for o in out] == [True] * 3
+    assert ev._gen_fn(2)._cache_size() == 1
 
 
 def test_prompt_longer_than_max_len_is_a_clear_error(ev):

@@ -8,8 +8,14 @@ reference code does: right-padded batches through model(...) for the losses, lef
 through model.generate(do_sample=False) for the answers. The metric formulas (jaxunlearn.evals.metrics)
 are shared; what is compared is the model computation.
 
-Prints both timings (the JAX one with and without compilation), the speed-up, whether the metric
-values agree, and the command that reproduces the run.
+The JAX side runs in two fresh processes sharing one new, empty persistent compilation cache folder:
+  cold      the first process: the evaluation including every compilation (empty cache), then again
+            (compiled, nothing left to compile)
+  warm      the second process: the evaluation with every program in the persistent cache (tracing
+            and cache loads still counted), then again (compiled)
+Each prints how many programs it built and how many came from the cache. Prints every time, the
+speed-ups over transformers, whether all JAX runs gave identical results and whether they agree
+with transformers (per-sample NLLs, generations, summaries), the load average and the command.
 
     python experiments/bench/tofu_eval_throughput.py [--rows 40] [--max-new-tokens 200] [--data-dir DIR]
 """
@@ -37,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)  # internal: a JAX phase process
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    p.add_argument("--phase-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -59,11 +68,10 @@ def load_rows(args):
     return bench, splits, source
 
 
-def build_models(args, tokenizer, folder):
+def build_model(args, tokenizer, folder):
+    """The random transformers Llama (seed 0), saved to folder for the JAX processes to load."""
     import torch
     import transformers as tf
-
-    from jaxunlearn.models import load_hf
 
     cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
@@ -73,7 +81,7 @@ def build_models(args, tokenizer, folder):
     torch.manual_seed(0)
     hf = tf.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(folder)
-    return hf, load_hf(folder)
+    return hf
 
 
 # ----------------------------------------------------------------------------- PyTorch reference path
@@ -157,61 +165,90 @@ def torch_tofu(model, tok, fmt, splits, args):
 # ----------------------------------------------------------------------------- JAX path
 
 def jax_tofu(ev, splits, args):
-    from jaxunlearn.evals.tofu import evaluate_split
+    from jaxunlearn.evals.tofu import evaluate_splits
 
     out = {}
-    for name, rows in splits.items():
-        summary, records = evaluate_split(ev, rows, name, args.max_new_tokens)
+    for name, (summary, records) in evaluate_splits(ev, splits, args.max_new_tokens).items():
         out[name] = {"summary": {k: summary[k] for k in ("prob", "rouge", "truth_ratio")},
                      "mean_nll": [r["mean_nll"] for r in records], "generations": [r["generation"] for r in records]}
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import numpy as np
-    import torch
+class CompileCounter:
+    """Counts the programs jax builds (each a compilation or a persistent-cache load) and the cache hits."""
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def __init__(self):
+        import jax
+
+        self.programs = self.hits = 0
+        self.seconds = {"trace": 0.0, "lower": 0.0, "compile_or_load": 0.0}
+        names = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                 "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                 "/jax/core/compile/backend_compile_duration": "compile_or_load"}
+
+        def on_duration(event, secs, **_):
+            if event in names:
+                self.seconds[names[event]] += secs
+                self.programs += event.endswith("backend_compile_duration")
+
+        def on_event(event, **_):
+            self.hits += event == "/jax/compilation_cache/cache_hits"
+
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+        jax.monitoring.register_event_listener(on_event)
+
+    def snapshot(self):
+        return {"programs": self.programs, "cache_hits": self.hits,
+                **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()}}
+
+
+def jax_phase(args) -> int:
+    """One JAX process (--phase-out FILE): two evaluations timed, with the persistent cache in --cache-dir."""
+    import json
+
     import jax
 
     from jaxunlearn.data import bucket_ladder, prompt_format_for, synthetic_benchmark, synthetic_tokenizer
     from jaxunlearn.evals.evaluator import Evaluator
-    from jaxunlearn.models import split_params
+    from jaxunlearn.models import load_hf, split_params
 
-    bench, splits, source = load_rows(args)
+    # after importing jaxunlearn (whatever cache it sets up by default) and before anything compiles
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    _, splits, _ = load_rows(args)
     tok = synthetic_tokenizer(synthetic_benchmark(seed=0))
-    fmt = prompt_format_for(tok, "qa")
-    with tempfile.TemporaryDirectory() as folder:
-        hf, model = build_models(args, tok, folder)
+    model = load_hf(args.model_dir)
     graphdef, params = split_params(model)
-    n_seq = sum(len(r) * (2 + len(r[0]["perturbed_answer"])) for r in splits.values())
-    n_gen = sum(len(r) for r in splits.values())
-    print(f"data: {source}; rows per split: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()))
-    print(f"model: random Llama, hidden={args.hidden}, layers={args.layers}, vocab={len(tok)}, "
-          f"{sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M params")
-    print(f"work: {n_seq} teacher-forced sequences, {n_gen} greedy generations of up to {args.max_new_tokens} tokens")
-    print(f"devices: jax {jax.devices()[0].platform} x{len(jax.devices())}, torch threads {torch.get_num_threads()}")
+    ev = Evaluator.create(graphdef, params, model.config, tok, prompt_format_for(tok, "qa"),
+                          batch_size=args.batch_size, buckets=bucket_ladder(args.max_len), max_len=args.max_len)
+    counter = CompileCounter()
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        result = jax_tofu(ev, splits, args)
+        runs.append({"seconds": time.perf_counter() - t0, "result": result, **counter.snapshot()})
+    pathlib.Path(args.phase_out).write_text(json.dumps(runs))
+    return 0
 
-    t0 = time.perf_counter()
-    ref = torch_tofu(hf, tok, fmt, splits, args)
-    t_torch = time.perf_counter() - t0
 
-    ev = Evaluator.create(graphdef, params, model.config, tok, fmt, batch_size=args.batch_size,
-                          buckets=bucket_ladder(args.max_len), max_len=args.max_len)
-    t0 = time.perf_counter()
-    jax_tofu(ev, splits, args)
-    t_cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours = jax_tofu(ev, splits, args)
-    t_warm = time.perf_counter() - t0
+def run_phase(argv, model_dir, cache_dir, name, tmp):
+    """Run jax_phase in a fresh process; returns its two runs."""
+    import json
+    import subprocess
 
-    print(f"\ntransformers (PyTorch, eager): {t_torch:8.2f} s")
-    print(f"jaxunlearn (jit, incl. compile): {t_cold:8.2f} s   speed-up {t_torch / t_cold:5.2f}x")
-    print(f"jaxunlearn (jit, compiled):      {t_warm:8.2f} s   speed-up {t_torch / t_warm:5.2f}x  (goal >= 3x)")
+    out = pathlib.Path(tmp) / f"{name}.json"
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--model-dir", model_dir,
+           "--cache-dir", cache_dir, "--phase-out", str(out)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
 
-    print("\nmetric agreement (jax vs torch):")
+
+def agreement(ours, ref, splits):
+    """Print per-split agreement of JAX vs torch results; True when all within tolerance."""
+    import numpy as np
+
     ok = True
     for name in splits:
         a, b = ours[name], ref[name]
@@ -222,9 +259,69 @@ def main(argv=None) -> int:
                                      for k in ("prob", "truth_ratio", "rouge"))
         ok &= close
         print(f"  {name:12s} {vals}  max|dNLL| {d_nll:.2e}  identical generations {same:.0%}  {'OK' if close else 'DIFF'}")
+    return ok
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.phase_out:
+        return jax_phase(args)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from jaxunlearn.data import prompt_format_for, synthetic_benchmark, synthetic_tokenizer
+
+    load_before = load_average()
+    bench, splits, source = load_rows(args)
+    tok = synthetic_tokenizer(synthetic_benchmark(seed=0))
+    fmt = prompt_format_for(tok, "qa")
+    n_seq = sum(len(r) * (2 + len(r[0]["perturbed_answer"])) for r in splits.values())
+    n_gen = sum(len(r) for r in splits.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, cache_dir = str(pathlib.Path(tmp) / "model"), str(pathlib.Path(tmp) / "jax_cache")
+        hf = build_model(args, tok, model_dir)
+        print(f"data: {source}; rows per split: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()))
+        print(f"model: random Llama, hidden={args.hidden}, layers={args.layers}, vocab={len(tok)}, "
+              f"{sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M params")
+        print(f"work: {n_seq} teacher-forced sequences, {n_gen} greedy generations of up to {args.max_new_tokens} tokens")
+        print(f"torch threads {torch.get_num_threads()}; load average before: {load_before}", flush=True)
+
+        t0 = time.perf_counter()
+        ref = torch_tofu(hf, tok, fmt, splits, args)
+        t_torch = time.perf_counter() - t0
+        cold = run_phase(argv, model_dir, cache_dir, "cold", tmp)
+        warm = run_phase(argv, model_dir, cache_dir, "warm", tmp)
+
+    t_compiled = min(cold[1]["seconds"], warm[1]["seconds"])
+    rows = [("transformers (PyTorch, eager)", t_torch, None),
+            ("jaxunlearn, cold cache (incl. compile)", cold[0]["seconds"], cold[0]),
+            ("jaxunlearn, warm cache (incl. cache loads)", warm[0]["seconds"], warm[0]),
+            ("jaxunlearn, compiled", t_compiled, None)]
+    print()
+    for label, secs, info in rows:
+        ratio = "" if info is None and label.startswith("transformers") else f"   speed-up {t_torch / secs:5.2f}x"
+        extra = "" if info is None else (f"   programs {info['programs']} (cache hits {info['cache_hits']}; "
+                                         f"trace {info['trace_s']:.2f} s, lower {info['lower_s']:.2f} s, "
+                                         f"compile/load {info['compile_or_load_s']:.2f} s)")
+        print(f"{label:44s} {secs:8.2f} s{ratio}{extra}")
+    print("goals: >= 3x warm cache, >= 2x cold cache")
+    print(f"programs built by the second evaluation in each process: cold {cold[1]['programs'] - cold[0]['programs']}, "
+          f"warm {warm[1]['programs'] - warm[0]['programs']}")
+
+    results = [cold[0]["result"], cold[1]["result"], warm[0]["result"], warm[1]["result"]]
+    identical = all(r == results[0] for r in results[1:])
+    print(f"\nall four JAX evaluations identical: {'yes' if identical else 'NO'}")
+    print("metric agreement (jax vs torch):")
+    ok = agreement(results[0], ref, splits) and identical
     print(f"all metrics within tolerance (NLL 1e-3, summaries 1e-3 rel): {'yes' if ok else 'NO'}")
-    cmd = "python experiments/bench/tofu_eval_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"\nreproduce: cd {REPO} && {cmd.strip()}")
+    print(f"load average after: {load_average()}")
+    print(f"\nreproduce: python experiments/bench/tofu_eval_throughput.py {' '.join(argv)}".rstrip())
     return 0 if ok else 1
 
 

@@ -1,7 +1,8 @@
 """Jitted greedy generation with a KV cache.
 
-Shapes are static: a batch of prompts left-padded to a bucket length P, and max_new_tokens N,
-so the cache holds P + N slots and one compiled function serves every batch of that bucket.
+Shapes are static: a batch of prompts left-padded to a bucket length P (every batch of one call to
+the same P), and max_new_tokens N, so the cache holds P + N slots and one compiled function serves
+every batch of that bucket.
 The prefill writes the P prompt slots in one call; a `lax.while_loop` then feeds back one
 token per step (slot P + i), until N tokens are out or every row has produced EOS. Rows that
 finished emit `pad_id` (as `transformers` greedy `generate` does). Stop strings are applied
@@ -95,14 +96,18 @@ def generate_tokens(
     buckets: Sequence[int],
     batch_sharding: Any = None,
 ) -> list[list[int]]:
-    """Greedy continuation token ids per prompt (EOS and what follows removed), in input order."""
-    from jaxunlearn.data.batching import collate_prompts
+    """Greedy continuation token ids per prompt (EOS and what follows removed), in input order.
+
+    Every batch is left-padded to one width, the bucket of the longest prompt, so that one call runs one
+    compiled program (left padding costs only a wider prefill and attention span, not decoding steps)."""
+    from jaxunlearn.data.batching import bucket_length, collate_prompts
 
     order = batch_order([len(p) for p in prompts])
+    width = (bucket_length(max(len(p) for p in prompts), buckets),)
     pending = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = fill_rows(collate_prompts([prompts[i] for i in idx], pad_id, buckets), batch_size)
+        batch = fill_rows(collate_prompts([prompts[i] for i in idx], pad_id, width), batch_size)
         placed = place_batch(batch, batch_sharding)
         pending.append((idx, gen_fn(params, placed["input_ids"], placed["attention_mask"])))
     out: list[list[int]] = [[] for _ in prompts]

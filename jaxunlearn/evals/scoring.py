@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.ops import shift_labels, token_logprobs
+from jaxunlearn.ops import shift_labels
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -55,16 +55,26 @@ class SampleScore:
 
 
 def token_stats(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """Per-token logp, z, match and mask [B, T-1] from logits [B, T, V] and aligned labels [B, T]."""
-    logp, mask = token_logprobs(logits, labels)
-    shifted, targets, _ = shift_labels(logits, labels)
-    logq = jax.nn.log_softmax(shifted.astype(jnp.float32), axis=-1)
-    q = jnp.exp(logq)
-    mu = jnp.sum(q * logq, axis=-1)
-    var = jnp.sum(q * jnp.square(logq), axis=-1) - jnp.square(mu)
-    sigma = jnp.sqrt(jnp.maximum(var, 1e-12))
+    """Per-token logp, z, match and mask [B, T-1] from logits [B, T, V] and aligned labels [B, T].
+
+    One max and one exp pass over the vocabulary: with d = logits - max and Z = sum exp(d),
+    log q = d - log Z, so mu = E_q[d] - log Z and var = E_q[d^2] - E_q[d]^2 (the variance of log q).
+    """
+    shifted, targets, mask = shift_labels(logits, labels)
+    x = shifted.astype(jnp.float32)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    d = x - top
+    e = jnp.exp(d)
+    total = jnp.sum(e, axis=-1)
+    mean_d = jnp.sum(e * d, axis=-1) / total
+    mean_d2 = jnp.sum(e * jnp.square(d), axis=-1) / total
+    log_total = jnp.log(total)
+    picked = jnp.take_along_axis(d, targets[..., None], axis=-1)[..., 0]
+    logp = (picked - log_total) * mask
+    mu = mean_d - log_total
+    sigma = jnp.sqrt(jnp.maximum(mean_d2 - jnp.square(mean_d), 1e-12))
     z = (logp - mu) / sigma * mask
-    match = (jnp.argmax(shifted, axis=-1) == targets).astype(jnp.float32) * mask
+    match = (jnp.argmax(x, axis=-1) == targets).astype(jnp.float32) * mask
     return {"logp": logp, "z": z, "match": match, "mask": mask}
 
 
@@ -119,7 +129,7 @@ def place_batch(batch: Mapping[str, np.ndarray], batch_sharding: Any = None) -> 
     (`jaxunlearn.data.host_slice`) to one global array (`to_global`).
     """
     if batch_sharding is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {k: jax.device_put(v) for k, v in batch.items()}  # (jnp.asarray would compile a program per shape)
     if jax.process_count() == 1:
         return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
     from jaxunlearn.data import host_slice, to_global

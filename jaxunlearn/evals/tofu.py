@@ -58,32 +58,58 @@ def _mean_nll(scores: Sequence[SampleScore]) -> np.ndarray:
     return np.array([s.mean_nll for s in scores], dtype=np.float64)
 
 
-def _perturbed_nll(ev, rows, perturbed) -> np.ndarray:
-    pairs = [(r["question"], p) for r, ps in zip(rows, perturbed) for p in ps]
-    flat = _mean_nll(ev.score_qa(pairs))
-    return flat.reshape(len(rows), -1)
+def _split_pairs(rows: Sequence[dict], split: str) -> dict[str, list[tuple[str, str]]]:
+    """The (question, answer) pairs one split scores: the answers, the paraphrased answers (forget and
+    retain only) and every perturbed answer (row-major)."""
+    if not rows:
+        raise EvalError(f"{split}: no rows to evaluate")
+    perturbed = _perturbed(rows, split)
+    pairs = {"gt": [(r["question"], r["answer"]) for r in rows]}
+    if split in SPLIT_SOURCES:
+        missing = [i for i, r in enumerate(rows) if not r.get("paraphrased_answer")]
+        if missing:
+            raise EvalError(f"{split} row {missing[0]}: missing 'paraphrased_answer'")
+        pairs["paraphrased"] = [(r["question"], r["paraphrased_answer"]) for r in rows]
+    pairs["perturbed"] = [(r["question"], p) for r, ps in zip(rows, perturbed) for p in ps]
+    return pairs
+
+
+def evaluate_splits(ev, splits: dict[str, Sequence[dict]],
+                    max_new_tokens: int = TOFU_MAX_NEW_TOKENS) -> dict[str, tuple[dict, list[dict]]]:
+    """{split: (summary, per-sample records)} for TOFU splits (forget / retain / an extra eval).
+
+    Every answer of every split is scored in one `score_qa` call and every question answered in one
+    `generate_answers` call, so that batches are filled across splits, sorted by length over all of
+    them, and share a few padded shapes (one compiled program per shape)."""
+    plan = {name: _split_pairs(rows, name) for name, rows in splits.items()}
+    flat = [pair for pairs in plan.values() for kind in pairs.values() for pair in kind]
+    scores = iter(ev.score_qa(flat))
+    scored = {name: {kind: [next(scores) for _ in pairs[kind]] for kind in pairs} for name, pairs in plan.items()}
+    questions = [r["question"] for rows in splits.values() for r in rows]
+    answers = iter(ev.generate_answers(questions, max_new_tokens))
+    return {name: _summarise(rows, name, scored[name], [next(answers) for _ in rows])
+            for name, rows in splits.items()}
 
 
 def evaluate_split(ev, rows: Sequence[dict], split: str, max_new_tokens: int = TOFU_MAX_NEW_TOKENS) -> tuple[dict, list[dict]]:
     """(summary, per-sample records) of one TOFU split; split in forget / retain / an extra eval."""
-    if not rows:
-        raise EvalError(f"{split}: no rows to evaluate")
+    return evaluate_splits(ev, {split: rows}, max_new_tokens)[split]
+
+
+def _summarise(rows: Sequence[dict], split: str, scored: dict[str, list[SampleScore]],
+               generations: Sequence[str]) -> tuple[dict, list[dict]]:
+    """(summary, records) of one split from its teacher-forced scores and greedy answers."""
     is_extra = split not in SPLIT_SOURCES
-    perturbed = _perturbed(rows, split)
-    gt = ev.score_qa([(r["question"], r["answer"]) for r in rows])
+    gt = scored["gt"]
     gt_nll = _mean_nll(gt)
-    pert_nll = _perturbed_nll(ev, rows, perturbed)
+    pert_nll = _mean_nll(scored["perturbed"]).reshape(len(rows), -1)
     if is_extra:
         true_nll = gt_nll
         prob = M.normalised_probability(gt_nll, pert_nll)
     else:
-        missing = [i for i, r in enumerate(rows) if not r.get("paraphrased_answer")]
-        if missing:
-            raise EvalError(f"{split} row {missing[0]}: missing 'paraphrased_answer'")
-        true_nll = _mean_nll(ev.score_qa([(r["question"], r["paraphrased_answer"]) for r in rows]))
+        true_nll = _mean_nll(scored["paraphrased"])
         prob = M.probability(gt_nll)
     ratios = M.truth_ratio(true_nll, pert_nll)
-    generations = ev.generate_answers([r["question"] for r in rows], max_new_tokens)
     rouge = np.array([M.rouge_l_recall(g, r["answer"]) for g, r in zip(generations, rows)])
     tr_score = M.forget_truth_score(ratios) if split == "forget" else M.retain_truth_score(ratios)
 
@@ -142,11 +168,11 @@ def evaluate_tofu(ev, bench, retain_ratios=None, max_new_tokens: int = TOFU_MAX_
     summary: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity,
                                "sizes": {}, "whole_splits": True, "max_new_tokens": int(max_new_tokens)}
     per_sample: dict[str, Any] = {"model": model_name, "benchmark": bench.name, "benchmark_identity": identity}
-    plan = [(name, getattr(bench, src)) for name, src in SPLIT_SOURCES.items()]
-    plan += [(name, bench.extra_evals[name]) for name in EXTRA_SPLITS if bench.extra_evals.get(name)]
-    for name, rows in plan:
-        summary[name], per_sample[name] = evaluate_split(ev, rows, name, max_new_tokens)
-        summary["sizes"][name] = len(rows)
+    plan = {name: getattr(bench, src) for name, src in SPLIT_SOURCES.items()}
+    plan.update((name, bench.extra_evals[name]) for name in EXTRA_SPLITS if bench.extra_evals.get(name))
+    for name, (split_summary, records) in evaluate_splits(ev, plan, max_new_tokens).items():
+        summary[name], per_sample[name] = split_summary, records
+        summary["sizes"][name] = len(plan[name])
     forget_r = [r["truth_ratio"] for r in per_sample["forget"]]
     summary["forget_quality"] = M.forget_quality(forget_r, retain_ratios)
     utility = {f"{s}/{m}": summary[s][m] for s in ("retain",) + EXTRA_SPLITS if s in summary

@@ -29,8 +29,9 @@ policy named by ModelConfig.remat. Attention is jax.nn.dot_product_attention (Mo
 "xla" or "cudnn") with a boolean causal + padding (+ sliding-window) mask; grouped-query attention passes
 the fewer key/value heads as they are.
 
-KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"} arrays stacked over
-layers, [num_layers, B, max_len, num_kv_heads, head_dim]; `make_decode(graphdef)` gives
+KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"}, each a list of one
+[B, num_kv_heads, head_dim, max_len] array per layer (slots last: the layout both attention matmuls read
+without a transposed copy); `make_decode(graphdef)` gives
 `decode(params, input_ids[B,S], positions[B,S], kv_mask[B,max_len], cache, cache_index) -> (logits, cache)`,
 which writes the S new keys/values at slots [cache_index, cache_index + S) and lets the query at slot s
 attend to slot j iff j <= s and kv_mask[b, j] == 1.
@@ -346,11 +347,7 @@ class Attention(nnx.Module):
         v = checkpoint_name(constrain(self.v_proj(x), ACT_KV_HEADS), "value_proj")
         implementation = self.implementation
         if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),
-                                                        cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
-                                                        cache_index, axis=1)
-            cache = {"key": k_all, "value": v_all}
+            cache, k_all, v_all = write_cache(cache, k, v, cache_index)
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
             implementation = "xla"  # queries sit at cache slots, not 0..T-1: cuDNN's causal mask does not apply
         if implementation == "cudnn" and jax.default_backend() != "gpu":
@@ -510,8 +507,8 @@ class CausalLM(nnx.Module):
 
         The layers run as a jax.lax.scan over the stacked layer parameters (`config.scan_layers`), or as a
         Python loop over the same parameters; each layer under jax.checkpoint with `config.remat`'s policy
-        when there is no cache. With a cache ({"key", "value"} [L, B, S, kv_heads, head_dim]), its
-        per-layer slices travel through the scan with the parameters."""
+        when there is no cache. With a cache (decoding: {"key", "value"}, lists of per-layer
+        [B, kv_heads, head_dim, S] arrays) the layers run unrolled, each updating its own buffers in place."""
         cfg = self.config
         n = cfg.num_layers if num_layers is None else int(num_layers)
         if not 0 <= n <= cfg.num_layers:
@@ -526,27 +523,34 @@ class CausalLM(nnx.Module):
         cos, sin = rope_tables(cfg, positions)
         graphdef, state = nnx.split(self.layers)
         windows = _window_array(cfg.layer_windows)
-        xs = (state, windows, cache)
+        xs = (state, windows)
         if n < cfg.num_layers:
             xs = jax.tree.map(lambda a: a[:n], xs)
 
-        def body(x, layer_xs):
-            layer_state, window, layer_cache = layer_xs
+        def body(x, layer_xs, layer_cache=None):
+            layer_state, window = layer_xs
             layer = nnx.merge(graphdef, layer_state)
             return layer(x, cos, sin, query_slots, kv_mask, window, layer_cache, cache_index)
 
-        if cfg.remat != "none" and cache is None:
-            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
         if n == 0:
             return x, cache
+        if cache is not None:
+            # decoding: the layers unrolled, each with its own cache buffers updated in place (slicing one
+            # layer out of a cache stacked over layers copies it, for every layer at every step)
+            new_cache = {"key": [], "value": []}
+            for i in range(n):
+                x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs),
+                                      {"key": cache["key"][i], "value": cache["value"][i]})
+                new_cache["key"].append(layer_cache["key"])
+                new_cache["value"].append(layer_cache["value"])
+            return x, new_cache
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            return jax.lax.scan(body, x, xs)
-        outputs = []
+            return jax.lax.scan(lambda x, layer_xs: (body(x, layer_xs)[0], None), x, xs)[0], None
         for i in range(n):
-            x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs))
-            outputs.append(layer_cache)
-        new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outputs)
-        return x, new_cache
+            x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
+        return x, None
 
     def logits_from_hidden(self, x):
         """Logits (float32) from final-normed hidden states of any leading shape [..., D]."""
@@ -651,11 +655,28 @@ def param_count(params) -> int:
 
 
 # --------------------------------------------------------------------------- KV cache
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> dict[str, jax.Array]:
-    """Zeroed KV cache {"key", "value"}, each stacked over layers: [num_layers, B, max_len, num_kv_heads,
-    head_dim]."""
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> dict[str, list[jax.Array]]:
+    """Zeroed KV cache {"key", "value"}, each a list of num_layers arrays [B, num_kv_heads, head_dim, max_len]
+    (separate buffers: each layer's slots are updated in place and read without slicing a stacked array)."""
+    shape = (batch_size, cfg.num_kv_heads, cfg.head_dim, max_len)
+    return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for name in ("key", "value")}
+
+
+def write_cache(cache: dict, k: jax.Array, v: jax.Array, cache_index) -> tuple[dict, jax.Array, jax.Array]:
+    """Write one layer's new keys/values [B, S, kv_heads, head_dim] at slots [cache_index, cache_index + S) of
+    its cache {"key", "value"} [B, kv_heads, head_dim, max_len] (in place when the cache is loop-carried);
+    returns (cache, keys, values [B, max_len, kv_heads, head_dim]). Slots are the last axis, the layout both
+    attention matmuls read without a transposed copy."""
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32))
+
+    def write(buffer, new):
+        buffer = jax.lax.dynamic_update_slice(buffer, jnp.transpose(new.astype(buffer.dtype), (0, 2, 3, 1)), start)
+        return buffer, jnp.transpose(buffer, (0, 3, 1, 2))
+
+    key, k_all = write(cache["key"], k)
+    value, v_all = write(cache["value"], v)
+    return {"key": key, "value": value}, k_all, v_all
 
 
 def make_decode(graphdef, mesh=None) -> Callable:
