@@ -12,7 +12,7 @@ that cap also makes JAX lock the folder around each read and write, so concurren
 Adding an entry lists the folder (JAX's eviction check), a cost that grows with the number of
 entries (about 20 ms per new program at a few hundred entries); deleting the folder is always safe.
 
-Every program is cached, however small or fast to compile (CPU programs compile in well under
+Off in multi-process CPU runs (`multiprocess_cpu`). Every program is cached, however small or fast to compile (CPU programs compile in well under
 JAX's default 1 s threshold). A folder that cannot be created or written is reported in one
 warning and the command goes on without the cache; JAX itself only warns on a cache entry it
 cannot read or write.
@@ -59,6 +59,15 @@ def _check_writable(folder: pathlib.Path) -> None:
         pass
 
 
+def multiprocess_cpu() -> bool:
+    """True in a run of several CPU processes joined by jax.distributed (gloo collectives), where the
+    cache stays off: with it, tests/test_multihost.py's two-process resume failed with gloo reporting
+    a collective size mismatch (cause not established; GPU/TPU multi-host runs keep the cache)."""
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
 def enable() -> pathlib.Path | None:
     """Point JAX's persistent compilation cache at the chosen folder; returns it, or None when the
     cache is off or its folder is unusable (one warning, never an error)."""
@@ -66,6 +75,10 @@ def enable() -> pathlib.Path | None:
     from jax.experimental.compilation_cache import compilation_cache
 
     folder = chosen_dir()
+    if folder is not None and multiprocess_cpu():
+        print("jaxunlearn: compilation cache off: several CPU processes (gloo collectives) loading cached "
+              "programs ran mismatched collectives", file=sys.stderr)
+        folder = None
     if folder is not None:
         folder = folder.absolute()
         try:
