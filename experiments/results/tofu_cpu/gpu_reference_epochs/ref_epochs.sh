@@ -1,3 +1,6 @@
+# Run on the lent H200 from the repository root: .devcarry/ held (not committed) the rouge-score and nltk
+# wheels, a copy of ../shared/data/tofu, and the study's runs/tofu_cpu/tokenizer and runs/tofu_cpu/init; $OUT is
+# the device's output folder. Same finetune / eval overrides as the study's reference (commands.sh), epochs 25 and 50.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 JAXUNLEARN_PROGRESS_SECONDS=15
