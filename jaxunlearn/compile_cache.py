@@ -12,8 +12,8 @@ that cap also makes JAX lock the folder around each read and write, so concurren
 Adding an entry lists the folder (JAX's eviction check), a cost that grows with the number of
 entries (about 20 ms per new program at a few hundred entries); deleting the folder is always safe.
 
-Off in multi-process CPU runs (`multiprocess_cpu`). Every program is cached, however small or fast to compile (CPU programs compile in well under
-JAX's default 1 s threshold). A folder that cannot be created or written is reported in one
+Off in multi-process CPU runs (`multiprocess_cpu`). Every program is cached, however small or fast
+to compile (CPU programs compile in well under JAX's default 1 s threshold). A folder that cannot be created or written is reported in one
 warning and the command goes on without the cache; JAX itself only warns on a cache entry it
 cannot read or write.
 
