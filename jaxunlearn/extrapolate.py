@@ -31,25 +31,19 @@ import jax.numpy as jnp
 
 from jaxunlearn.config import check_alpha
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.registry import Registry
 
 Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-RULES: dict[str, Rule] = {}
-
-
 class UnknownRuleError(JaxunlearnError, ValueError):
     """No extrapolation rule of that name."""
 
 
+RULES = Registry("extrapolation rule", UnknownRuleError)
+
+
 def register_rule(name: str):
     """Decorator adding an elementwise extrapolation rule to RULES."""
-
-    def add(rule: Rule) -> Rule:
-        if name in RULES:
-            raise ValueError(f"extrapolation rule {name!r} is registered twice")
-        RULES[name] = rule
-        return rule
-
-    return add
+    return lambda rule: RULES.add(name, rule)
 
 
 @register_rule("linear")
@@ -59,9 +53,7 @@ def linear(ref: jax.Array, mem: jax.Array, alpha: jax.Array) -> jax.Array:
 
 
 def get_rule(name: str) -> Rule:
-    if name not in RULES:
-        raise UnknownRuleError(f"unknown extrapolation rule {name!r} (known: {', '.join(sorted(RULES))})")
-    return RULES[name]
+    return RULES.lookup(name)
 
 
 def _apply_rule(rule: Rule, ref, mem, alpha):

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, Callable
 
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.registry import Registry
 
 BATCHES = ("forget", "retain", "target", "train")
 RESULTS = ("trained", "extrapolated")
@@ -49,20 +50,15 @@ class Method:
             raise ValueError(f"method {self.name!r}: result must be one of {RESULTS}, got {self.result!r}")
 
 
-METHODS: dict[str, Method] = {}
+METHODS = Registry("method", UnknownMethodError)
 
 
 def register(method: Method) -> Method:
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} is registered twice")
-    METHODS[method.name] = method
-    return method
+    return METHODS.add(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise UnknownMethodError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 def all_fields(params) -> dict:

@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any, Callable
 
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.registry import Registry
 
 
 class ModelConfigError(JaxunlearnError, ValueError):
@@ -53,23 +54,16 @@ class Family:
     partial_rotary_factor: float = 1.0  # when config.json has none
 
 
-LAYOUTS: dict[str, Layout] = {}
-FAMILIES: dict[str, Family] = {}
-
-
-def _register(registry: dict, name: str, entry, what: str):
-    if name in registry:
-        raise ValueError(f"{what} {name!r} is registered twice")
-    registry[name] = entry
-    return entry
+LAYOUTS = Registry("decoder layout", ModelConfigError)
+FAMILIES = Registry("model family", ModelConfigError)
 
 
 def register_layout(layout: Layout) -> Layout:
-    return _register(LAYOUTS, layout.name, layout, "decoder layout")
+    return LAYOUTS.add(layout.name, layout)
 
 
 def register_family(family: Family) -> Family:
-    return _register(FAMILIES, family.model_type, family, "model family")
+    return FAMILIES.add(family.model_type, family)
 
 
 def layout_of(cfg) -> Layout:

@@ -21,32 +21,26 @@ import inspect
 from typing import Any, Callable
 
 from jaxunlearn.errors import JaxunlearnError
+from jaxunlearn.registry import Registry
 
 Objective = Callable[..., tuple[Any, dict[str, Any]]]
-OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 
 
 class UnknownObjectiveError(JaxunlearnError, ValueError):
     """No objective of that name, or a hyper-parameter it does not take."""
 
 
+OBJECTIVES = Registry("objective", UnknownObjectiveError)  # name -> factory(**hparams) -> Objective
+
+
 def register(name: str):
     """Decorator adding a factory to OBJECTIVES under `name`."""
-
-    def add(factory):
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is registered twice")
-        OBJECTIVES[name] = factory
-        return factory
-
-    return add
+    return lambda factory: OBJECTIVES.add(name, factory)
 
 
 def get_objective(name: str, **hparams) -> Objective:
     """Build a registered objective; unknown names or hyper-parameters raise one-line errors."""
-    if name not in OBJECTIVES:
-        raise UnknownObjectiveError(f"unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
-    factory = OBJECTIVES[name]
+    factory = OBJECTIVES.lookup(name)
     accepted = set(inspect.signature(factory).parameters)
     extra = sorted(set(hparams) - accepted)
     if extra:
