@@ -33,3 +33,25 @@ jaxunlearn extrapolate --run runs/tofu_cpu/methods/task_vector --alpha 1.0 --ste
 jaxunlearn eval runs/tofu_cpu/methods/task_vector --which forget --alpha 1.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/task_vector/epoch_2
 jaxunlearn extrapolate --run runs/tofu_cpu/methods/task_vector --alpha 1.0 --step 39 --overwrite
 jaxunlearn eval runs/tofu_cpu/methods/task_vector --which forget --alpha 1.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/task_vector/epoch_3
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/task_vector --alpha 1.0 --step 52 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/task_vector --which forget --alpha 1.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/task_vector/epoch_4
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/task_vector --alpha 1.0 --step 52 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/task_vector --which forget --alpha 1.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/task_vector/epoch_4
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/task_vector --alpha 1.0 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/task_vector --which forget --alpha 1.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/task_vector/epoch_5
+jaxunlearn unlearn method=mox method.momentum=true method.alpha=4.0 'method.alphas=[0.5,1.0,2.0,4.0,8.0]' data.benchmark=tofu data.source=../shared/data/tofu data.forget_split=forget10 data.tokenizer=runs/tofu_cpu/tokenizer data.max_len=192 'data.buckets=[64,128,192]' data.prompt_format=qa train.lr=0.0015 train.epochs=5 train.batch_size=32 train.weight_decay=0.01 train.warmup_epochs=1 train.seed=0 checkpoint.save_every=13 checkpoint.keep=5 model.hf_folder=runs/tofu_cpu/init --run runs/tofu_cpu/methods/mox --reference runs/tofu_cpu/reference
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/mox --alpha 4.0 --step 13 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 4.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/epoch_1
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/mox --alpha 4.0 --step 26 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 4.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/epoch_2
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/mox --alpha 4.0 --step 39 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 4.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/epoch_3
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/mox --alpha 4.0 --step 52 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 4.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/epoch_4
+jaxunlearn extrapolate --run runs/tofu_cpu/methods/mox --alpha 0.5 1.0 2.0 4.0 8.0 --overwrite
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 4.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/epoch_5
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 0.5 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/sweep
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 1.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/sweep
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 2.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/sweep
+jaxunlearn eval runs/tofu_cpu/methods/mox --which forget --alpha 8.0 --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/sweep
+jaxunlearn eval runs/tofu_cpu/methods/mox --which result --retain-results runs/tofu_cpu/eval/retain/reference.per_sample.json --max-len 192 --max-new-tokens 135 --batch-size 64 --out runs/tofu_cpu/eval/mox/momentum
