@@ -55,6 +55,20 @@ def test_off_switches_the_cache_off(monkeypatch, restore_jax_cache):
     assert not jax.config.jax_enable_compilation_cache
 
 
+def test_off_in_multi_process_cpu_runs(monkeypatch, tmp_path, capsys, restore_jax_cache):
+    # several CPU processes joined by jax.distributed (gloo) ran mismatched collectives with cached programs
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert compile_cache.multiprocess_cpu()
+    assert compile_cache.enable() is None
+    assert "compilation cache off: several CPU processes" in capsys.readouterr().err
+    assert not jax.config.jax_enable_compilation_cache
+    monkeypatch.setattr(jax, "process_count", lambda: 1)  # one process joined alone keeps the cache
+    assert not compile_cache.multiprocess_cpu()
+    assert compile_cache.enable() == tmp_path / "cache"
+
+
 def test_unusable_folder_warns_once_and_goes_on(monkeypatch, tmp_path, capsys, restore_jax_cache):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
