@@ -98,6 +98,27 @@ def make_optimizer(
     return opt, schedule
 
 
+def where_kept(keep, kept: jax.Array, other: jax.Array) -> jax.Array:
+    """`kept` where `keep` holds, else `other`, for one parameter: keep is a bool, or a [num_layers] bool
+    array selecting layer slices of a parameter stacked over layers (objectives.rmu.trainable_mask)."""
+    import jax.numpy as jnp
+
+    if isinstance(keep, bool):
+        return kept if keep else other
+    return jnp.where(jnp.asarray(keep).reshape((-1,) + (1,) * (kept.ndim - 1)), kept, other)
+
+
+def keep_frozen(optimizer: optax.GradientTransformation, keep) -> optax.GradientTransformation:
+    """`optimizer` with its updates zeroed where `keep` is False, so that frozen parameters do not move,
+    not even by decoupled weight decay. keep: a pytree like the parameters of `where_kept` masks."""
+    import jax.numpy as jnp
+
+    def update_fn(updates, state, params=None):
+        return jax.tree.map(lambda u, k: where_kept(k, u, jnp.zeros_like(u)), updates, keep), state
+
+    return optax.chain(optimizer, optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn))
+
+
 def optimizer_from_spec(
     train_spec, micro_steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule, StepPlan]:

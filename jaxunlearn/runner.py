@@ -218,7 +218,7 @@ def _unlearn(cfg: RunConfig, run: pathlib.Path, reference: str | None, bench, ob
         momentum = functools.partial(ex.momentum_update, alpha=hp.alpha, eta=hp.eta, rule=rule)
     stage = Stage(name=method.name, subdir=method.stage_dir, objective=objective, batch_at=batch_at,
                   micro_steps_per_epoch=it.steps_per_epoch, reference_hash=ref_hash, momentum=momentum,
-                  momentum_every=getattr(hp, "momentum_every", 0))
+                  momentum_every=getattr(hp, "momentum_every", 0), trainable=getattr(hp, "trainable", ".*"))
     with ck.MemorizedCheckpoints(run, subdir=method.stage_dir) as mgr:
         fresh = mgr.latest_step() is None
     start = copy_tree(ref_params) if fresh else None  # the trainable copy (donated by the step)

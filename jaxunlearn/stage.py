@@ -33,6 +33,7 @@ class Stage:
     momentum: Callable | None = None  # (running_forget or None, ref, mem) -> running_forget
     data_tag: str | None = None  # what the stage trains on (e.g. "split full"); checked on resume
     momentum_every: int = 0  # optimiser steps between momentum updates (0: once per epoch); the last step always updates
+    trainable: str = ".*"  # regex of the parameter paths the optimiser may change (objectives.rmu.trainable_mask)
 
 
 def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Stage, start_params, ref_params):
@@ -51,6 +52,10 @@ def train_stage(run: pathlib.Path, cfg: RunConfig, setup: ModelSetup, stage: Sta
 
     check_batch_divisible(cfg.train.batch_size, setup.mesh, "train.batch_size")
     optimizer, schedule, plan = optim.optimizer_from_spec(cfg.train, stage.micro_steps_per_epoch)
+    if stage.trainable != ".*":
+        from jaxunlearn.objectives.rmu import trainable_mask
+
+        optimizer = optim.keep_frozen(optimizer, trainable_mask(setup.abstract, stage.trainable))
     opt_shardings = train.opt_state_shardings(optimizer, setup.abstract, setup.shardings, setup.mesh)
     step_fn = train.make_train_step(
         stage.objective, with_loss_chunk(setup.apply, cfg.train.loss_chunk), optimizer, setup.mesh, setup.shardings,

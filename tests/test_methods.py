@@ -185,3 +185,26 @@ def test_muse_books_is_trainable(work, capsys):
     assert losses and np.isfinite(losses).all()
     assert cli.main([*argv[:-2], "data.corpus=poems", "--run", str(work / "x")]) == 1
     assert "data.corpus" in capsys.readouterr().err
+
+
+def test_rmu_frozen_parameters_do_not_move_under_weight_decay(work, capsys):
+    # stopped gradients alone leave AdamW's decoupled weight decay (0.01 here) moving the frozen weights
+    pattern = r"layers\.1\.mlp\.down_proj\.kernel"
+    run = work / "rmu_frozen"
+    argv = ["unlearn", str(work / "tiny.yaml"), "method=rmu", "method.layer=1", f"method.trainable={pattern}",
+            "train.weight_decay=0.01", "--run", str(run), "--reference", str(work / "reference")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    setup, trained, _ = load_run_params(run, "trained")
+    _, ref, _ = load_run_params(run, "reference", mesh=setup.mesh)
+    flat_t = jax.tree_util.tree_flatten_with_path(jax.device_get(trained))[0]
+    flat_r = jax.tree.leaves(jax.device_get(ref))
+    moved = []
+    for (path, t), r in zip(flat_t, flat_r):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        t, r = np.asarray(t), np.asarray(r)
+        if "layers" in name and "mlp.down_proj.kernel" in name:  # stacked [layers, ...]: only slice 1 trains
+            np.testing.assert_array_equal(t[0], r[0])
+            moved.append(not np.array_equal(t[1], r[1]))
+        else:
+            np.testing.assert_array_equal(t, r, err_msg=name)
+    assert moved == [True]

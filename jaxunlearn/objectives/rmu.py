@@ -17,8 +17,9 @@ Parameters stored stacked over layers ("layers.mlp.down_proj.kernel" [L, ...]) a
 slice under the same per-layer names, so one pattern serves both layouts.
 open-unlearning's config trains everything (".*", its default here); the WMDP code trains
 "layers\\.(5|6|7)\\.mlp\\.down_proj\\.kernel". A stopped gradient is zero, but an optimiser with
-decoupled weight decay still moves those parameters: for strict freezing, train RMU without weight
-decay or mask the optimiser too (`trainable_mask` gives the per-parameter / per-layer-slice masks).
+decoupled weight decay would still move those parameters: `jaxunlearn unlearn` (method=rmu) also masks
+the optimiser's updates (`optim.keep_frozen` with `trainable_mask`), so frozen parameters stay put; a
+train step built by hand with this objective needs the same wrapping.
 Source: open-unlearning src/trainer/unlearn/rmu.py (loss, mask and defaults of configs/trainer/RMU.yaml:
 layer 7, steering_coeff 2, gamma 1, alpha 1, retain EMBED_DIFF); centerforaisafety/wmdp rmu/unlearn.py.
 """
@@ -35,6 +36,7 @@ from jaxunlearn.objectives.common import masked_mean, require
 from jaxunlearn.objectives.registry import register
 from jaxunlearn.objectives.terms import NLL_REDUCTIONS, RETAIN_LOSSES, check_choice, retain_term
 from jaxunlearn.ops import IGNORE
+from jaxunlearn.optim import where_kept
 
 RMU_RETAIN_LOSSES = ("embed_diff",) + RETAIN_LOSSES
 
@@ -67,13 +69,7 @@ def freeze_others(params, pattern: str):
     if not any(np.any(m) for m in jax.tree.leaves(masks)):
         raise ValueError(f"objective 'rmu': trainable {pattern!r} matches no parameter")
 
-    def freeze(p, keep):
-        if isinstance(keep, bool):
-            return p if keep else jax.lax.stop_gradient(p)
-        keep = jnp.asarray(keep).reshape((-1,) + (1,) * (p.ndim - 1))
-        return jnp.where(keep, p, jax.lax.stop_gradient(p))
-
-    return jax.tree.map(freeze, params, masks)
+    return jax.tree.map(lambda p, keep: where_kept(keep, p, jax.lax.stop_gradient(p)), params, masks)
 
 
 def control_vector(dim: int, steering_coeff: float, seed: int) -> jax.Array:
