@@ -70,10 +70,11 @@ SHAPES = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
 GiB = 2**30
 
 
-def model_config(shape: str, attention: str = "xla", remat: str = "full") -> ModelConfig:
+def model_config(shape: str, attention: str = "xla", remat: str | None = None) -> ModelConfig:
+    """The shape's config; remat defaults to "full" for the real shapes and "none" for tiny."""
     if shape == "tiny":
-        return ModelConfig.preset("tiny-llama", vocab_size=256).replace(attention=attention)
-    return ModelConfig.preset(SHAPES[shape]).replace(remat=remat, attention=attention)
+        return ModelConfig.preset("tiny-llama", vocab_size=256).replace(attention=attention, remat=remat or "none")
+    return ModelConfig.preset(SHAPES[shape]).replace(remat=remat or "full", attention=attention)
 
 
 def matmul_params(cfg: ModelConfig, n_params: int) -> int:
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
                     help="dtype the frozen reference is held in")
     ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
                     help="jax.nn.dot_product_attention implementation (cudnn: NVIDIA GPUs only)")
-    ap.add_argument("--remat", default="full", help="rematerialisation policy of the measured shapes")
+    ap.add_argument("--remat", default=None, help="rematerialisation policy (default: full; none for --tiny)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.tiny:
