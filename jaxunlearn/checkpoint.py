@@ -194,7 +194,7 @@ def tree_summary(tree: Any) -> dict[str, list]:
 # ----------------------------------------------------------------------------- small files
 
 
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "w") as f:
@@ -208,7 +208,7 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-    _write_text_atomic(pathlib.Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(pathlib.Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: pathlib.Path) -> Any:
@@ -226,7 +226,7 @@ def write_config(run: str | os.PathLike, config: dict) -> pathlib.Path:
     path = pathlib.Path(run) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_primary():
-        _write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+        write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
     return path
 
 
@@ -270,7 +270,7 @@ def truncate_metrics(run: str | os.PathLike, stage: str, after_step: int) -> int
     records = read_metrics(run)
     kept = [r for r in records if not (r.get("stage") == stage and "event" not in r and r.get("step", 0) > after_step)]
     if len(kept) != len(records):
-        _write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     return len(records) - len(kept)
 
 

@@ -113,9 +113,16 @@ def apply_eval_spec(args, base) -> None:
 
 
 def _write(out: pathlib.Path, label: str, summary: dict, per_sample: dict) -> None:
+    """Process 0 writes (every process evaluated); each file atomically, so a killed eval never leaves a
+    truncated summary that write_reports would later read."""
+    from jaxunlearn import checkpoint as ck
+    from jaxunlearn.distributed import is_primary
+
+    if not is_primary():
+        return
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{label}.summary.json").write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
-    (out / f"{label}.per_sample.json").write_text(json.dumps(per_sample, ensure_ascii=False) + "\n")
+    ck.write_text_atomic(out / f"{label}.per_sample.json", json.dumps(per_sample, ensure_ascii=False) + "\n")
+    ck.write_text_atomic(out / f"{label}.summary.json", json.dumps(summary, indent=1, sort_keys=False) + "\n")
     print(f"wrote {out / (label + '.summary.json')}")
 
 
@@ -250,9 +257,11 @@ def _run_target(args) -> list[tuple[str, str, dict]]:
         info = {"dir": str(run), "method": cfg.method.name, **{k: v for k, v in kw.items() if v is not None}}
         summary = _evaluate(ev, bench, spec, args, label, {"run": info})
         results.append((label, cfg.method.name, summary))
+    from jaxunlearn.distributed import is_primary
     from jaxunlearn.evals.report import plot_training
 
-    plot_training(ck.read_metrics(run), pathlib.Path(args.out) / "training.png")
+    if is_primary():
+        plot_training(ck.read_metrics(run), pathlib.Path(args.out) / "training.png")
     return results
 
 
@@ -260,9 +269,13 @@ def write_reports(out: pathlib.Path) -> None:
     """results.md (one table per benchmark kind, with the columns its registry entry names) and
     tradeoff.png (models with a model utility) from every *.summary.json in out."""
     from jaxunlearn.data.benchmarks import BENCHMARKS
+    from jaxunlearn import checkpoint as ck
+    from jaxunlearn.distributed import is_primary
     from jaxunlearn.evals.report import markdown_table, plot_tradeoff, sort_key
 
-    rows = [(f.name[: -len(".summary.json")], json.loads(f.read_text())) for f in out.glob("*.summary.json")]
+    if not is_primary():
+        return
+    rows = [(f.name[: -len(".summary.json")], ck.read_json(f)) for f in out.glob("*.summary.json")]
     rows.sort(key=lambda row: sort_key(*row))
     by_kind: dict[str, list] = {}
     for label, s in rows:  # summaries written before benchmark_kind existed: TOFU-shaped ones have "forget"
@@ -273,7 +286,7 @@ def write_reports(out: pathlib.Path) -> None:
         return
     tables = [(kind, markdown_table(kind_rows, BENCHMARKS[kind].columns)) for kind, kind_rows in by_kind.items()]
     text = tables[0][1] if len(tables) == 1 else "\n".join(f"## {kind}\n\n{table}" for kind, table in tables)
-    (out / "results.md").write_text(text)
+    ck.write_text_atomic(out / "results.md", text)
     points = [{"label": label, "method": (s.get("run") or {}).get("method", ""), "summary": s}
               for label, s in rows if s.get("model_utility") is not None]
     if points:
