@@ -7,7 +7,7 @@ import pytest
 
 from jaxunlearn.models import ModelConfig, init_model, make_apply, split_params
 from jaxunlearn.objectives import get_objective
-from jaxunlearn.objectives.common import loss_chunk_of, per_token, label_logp, with_loss_chunk
+from jaxunlearn.objectives.common import ChunkedApply, label_logp, loss_chunk_of, per_token, with_loss_chunk
 from jaxunlearn.ops import IGNORE
 
 V = 97
@@ -104,13 +104,29 @@ def test_chunked_on_a_mesh_with_sharded_parameters_equals_full(model):
         np.testing.assert_allclose(g, fg, rtol=1e-4, atol=1e-6)
 
 
-def test_mox_joint_pass_with_unequal_lengths_equals_full(model):
-    """MOX runs forget and retain through the layers in one pass (objectives.common.joint_hidden,
-    the shorter batch padded on the right); loss and gradients are those of separate full passes."""
+@pytest.mark.parametrize("name", ["mox", "mox_npo", "mox_targeted"])
+def test_mox_joint_pass_with_unequal_lengths_equals_full(model, name):
+    """The MOX objectives run forget, (target) and retain through the layers in one pass
+    (objectives.common.joint_hidden, shorter batches padded on the right); loss and gradients are
+    those of separate full passes."""
     apply, params, ref, _ = model
-    batch = {"forget": make_batch(5, B=2, T=11), "retain": make_batch(6, B=4, T=17)}
-    full_loss, full_grads = loss_and_grad("mox", with_loss_chunk(apply, 0), params, ref, batch)
-    loss, grads = loss_and_grad("mox", with_loss_chunk(apply, 4), params, ref, batch)
+    batch = {"forget": make_batch(5, B=2, T=11), "retain": make_batch(6, B=4, T=17), "target": make_batch(7, B=2, T=9)}
+    full_loss, full_grads = loss_and_grad(name, with_loss_chunk(apply, 0), params, ref, batch)
+    counting = CountingApply(with_loss_chunk(apply, 4).apply, 4)
+    loss, grads = loss_and_grad(name, counting, params, ref, batch)
+    assert counting.trained_passes == 1  # the trained model's layers ran once for all batches
     np.testing.assert_allclose(loss, full_loss, rtol=1e-5, atol=1e-6)
     for g, fg in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(g, fg, rtol=1e-4, atol=1e-6)
+
+
+class CountingApply(ChunkedApply):
+    """Counts the passes of the differentiated (traced) parameters through the layers."""
+
+    def __init__(self, apply, loss_chunk):
+        super().__init__(apply, loss_chunk)
+        self.trained_passes = 0
+
+    def hidden(self, params, *args, **kwargs):
+        self.trained_passes += isinstance(jax.tree.leaves(params)[0], jax.core.Tracer)
+        return self.apply.hidden(params, *args, **kwargs)

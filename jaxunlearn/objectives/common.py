@@ -236,15 +236,15 @@ def batch_nll(apply, params, data, reduction: str = "sample", hidden=None) -> ja
     return nll_from_logps(*token_logps(apply, params, data, hidden), reduction)
 
 
-def sequence_logprob(apply, params, data) -> tuple[jax.Array, jax.Array]:
+def sequence_logprob(apply, params, data, hidden=None) -> tuple[jax.Array, jax.Array]:
     """Per-sample summed answer log-prob [B] and a [B] mask of samples with scored tokens."""
-    total, count = sequence_sums(*token_logps(apply, params, data))
+    total, count = sequence_sums(*token_logps(apply, params, data, hidden))
     return total, count > 0
 
 
-def log_ratio_to_ref(params, ref_params, batch, apply) -> tuple[jax.Array, jax.Array]:
+def log_ratio_to_ref(params, ref_params, batch, apply, hidden=None) -> tuple[jax.Array, jax.Array]:
     """Per-sample logp_theta(y|x) - logp_ref(y|x) (summed answer log-probs) [B] and the valid-sample mask [B]."""
-    logp, valid = sequence_logprob(apply, params, batch)
+    logp, valid = sequence_logprob(apply, params, batch, hidden)
     ref_logp, _ = sequence_sums(*ref_token_logps(apply, ref_params, batch))
     return logp - ref_logp, valid
 

@@ -52,9 +52,10 @@ def mox_npo(retain_weight: float = 1.0, beta: float = 0.1):
 
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox_npo")
-        log_ratio, valid = log_ratio_to_ref(params, ref_params, forget, apply)
+        h_forget, h_retain = joint_hidden(apply, params, [forget, require(batch, "retain", "mox_npo")]) or (None, None)
+        log_ratio, valid = log_ratio_to_ref(params, ref_params, forget, apply, h_forget)
         npo_mem = (2.0 / beta) * masked_mean(jax.nn.log_sigmoid(-beta * log_ratio), valid)
-        kl = retain_kl(params, ref_params, batch, apply, "mox_npo")
+        kl = retain_kl(params, ref_params, batch, apply, "mox_npo", h_retain)
         loss = npo_mem + retain_weight * kl
         return loss, {"forget_npo": npo_mem, "forget_log_ratio": masked_mean(log_ratio, valid), "retain_kl": kl}
 
@@ -69,9 +70,11 @@ def mox_targeted(retain_weight: float = 1.0, target_weight: float = 1.0, nll_red
     def objective(params, ref_params, batch, apply):
         forget = require(batch, "forget", "mox_targeted")
         target = require(batch, "target", "mox_targeted")
-        nll = batch_nll(apply, params, forget, nll_reduction)
-        target_nll = batch_nll(apply, params, target, nll_reduction)
-        kl = retain_kl(params, ref_params, batch, apply, "mox_targeted")
+        retain = require(batch, "retain", "mox_targeted")
+        h_forget, h_target, h_retain = joint_hidden(apply, params, [forget, target, retain]) or (None, None, None)
+        nll = batch_nll(apply, params, forget, nll_reduction, h_forget)
+        target_nll = batch_nll(apply, params, target, nll_reduction, h_target)
+        kl = retain_kl(params, ref_params, batch, apply, "mox_targeted", h_retain)
         loss = nll - target_weight * target_nll + retain_weight * kl
         return loss, {"forget_nll": nll, "target_nll": target_nll, "retain_kl": kl}
 
