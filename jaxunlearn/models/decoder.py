@@ -102,7 +102,9 @@ def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype=None) -> jax.
     (`_matmul`): XLA:CPU otherwise contracts the gradient's leading M axis by copying the larger one
     transposed (the [tokens, vocab] logits gradient, the [tokens, mlp] activations' gradient), a
     strided copy that cost about 16% of the 2-core MOX step (experiments/bench/README.md). Same
-    products, same gradients; other backends and meshes keep the plain dot_general."""
+    products, same float32 gradients; 16-bit products accumulate in float32 and the backward products
+    take 16-bit inputs (`_dot_general`, `_transposed`), so bfloat16 gradients differ from the plain
+    product's by bfloat16 rounding. Other backends and meshes keep the plain dot_general."""
     if not transposes_smaller_operand():
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         return jax.lax.dot_general(x, kernel, (axes, ((), ())), preferred_element_type=out_dtype)
