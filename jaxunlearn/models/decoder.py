@@ -102,7 +102,9 @@ def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype=None) -> jax.
     (`_matmul`): XLA:CPU otherwise contracts the gradient's leading M axis by copying the larger one
     transposed (the [tokens, vocab] logits gradient, the [tokens, mlp] activations' gradient), a
     strided copy that cost about 16% of the 2-core MOX step (experiments/bench/README.md). Same
-    products, same gradients; other backends and meshes keep the plain dot_general."""
+    products, same float32 gradients; 16-bit products accumulate in float32 and the backward products
+    take 16-bit inputs (`_dot_general`, `_transposed`), so bfloat16 gradients differ from the plain
+    product's by bfloat16 rounding. Other backends and meshes keep the plain dot_general."""
     if not transposes_smaller_operand():
         axes = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         return jax.lax.dot_general(x, kernel, (axes, ((), ())), preferred_element_type=out_dtype)
@@ -118,10 +120,28 @@ def transposes_smaller_operand() -> bool:
 
 
 def _dot(a, b, out_dtype):
-    """a [M, K] . b [K, N] accumulated in out_dtype (inputs promoted to one dtype)."""
+    """a [M, K] . b [K, N] (inputs promoted to one dtype) in out_dtype (None: that dtype). 16-bit inputs
+    accumulate in float32, then round: XLA:CPU runs such products on YNNPACK (AMX / AVX512-BF16 where
+    the CPU has them); a bfloat16-output product falls back to a float32 emulation about 3x slower."""
+    return _dot_general(a, b, ((1,), (0,)), out_dtype)
+
+
+def _dot_general(a, b, contracting, out_dtype):
     dtype = jnp.promote_types(a.dtype, b.dtype)
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (0,)), ((), ())),
-                               preferred_element_type=out_dtype)
+    out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
+    acc = jnp.float32 if jnp.dtype(dtype).itemsize < 4 else out_dtype
+    y = jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (contracting, ((), ())), preferred_element_type=acc)
+    return y.astype(out_dtype)
+
+
+def _transposed(a):
+    """a.T [N, M] of a [M, N] as an operand XLA cannot fold back into the next product. 16-bit: an
+    identity product (exact), since XLA:CPU folds any transposing copy into the dot and then runs a
+    16-bit dot with a transposed operand as float32 without YNNPACK (4-6x slower)."""
+    if a.dtype.itemsize < 4:
+        return _dot_general(jnp.eye(a.shape[1], dtype=a.dtype), a, ((1,), (1,)), None)
+    # the barrier keeps XLA from folding the transpose back into the product
+    return jax.lax.optimization_barrier(a.T)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -135,12 +155,15 @@ def _matmul_fwd(x, w, out_dtype):
 
 def _matmul_bwd(out_dtype, res, g):
     x, w = res
-    dx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    # the barrier keeps XLA from folding the transpose back into the product
+    # the backward products take their inputs in the forward's dtype (a float32 logits gradient is
+    # rounded to bfloat16 for a bfloat16 head, as torch's autocast does), accumulating in float32
+    g = g.astype(jnp.promote_types(x.dtype, w.dtype))
+    dx = _dot_general(g, w, ((1,), (1,)), jnp.float32)
     if w.shape[0] <= w.shape[1]:  # x [M, K] is the smaller: dW = x^T g
-        dw = _dot(jax.lax.optimization_barrier(x.T), g, jnp.float32)
-    else:  # g [M, N] is the smaller: dW = (g^T x)^T
-        dw = _dot(jax.lax.optimization_barrier(g.T), x, jnp.float32).T
+        dw = _dot(_transposed(x), g, jnp.float32)
+    else:  # g [M, N] is the smaller: dW = (g^T x)^T, in float32 (XLA folds the .T into the product, and
+        # XLA:CPU has no 16-bit kernel for a product with a transposed operand)
+        dw = _dot(_transposed(g), x.astype(jnp.float32), jnp.float32).T
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
