@@ -26,21 +26,36 @@ def _params(seed=0):
             "wk": n(ks[3], (D, D)), "wv": n(ks[4], (D, D)), "out": n(ks[5], (D, V)) * 3.0}
 
 
-def _attend(params, x, keys, values, allowed):
+def _hidden(params, x, keys, values, allowed):
     q = x @ params["wq"]
     s = jnp.einsum("bqd,bkd->bqk", q, keys) / np.sqrt(D)
     s = jnp.where(allowed, s, -1e30)
-    h = x + jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(s, axis=-1), values)
-    return h @ params["out"]
+    return x + jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(s, axis=-1), values)
 
 
-def standin_apply(params, input_ids, attention_mask, positions=None):
-    if positions is None:
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    x = params["emb"][input_ids] + params["pos"][positions]
-    t = input_ids.shape[1]
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (attention_mask[:, None, :] > 0)
-    return _attend(params, x, x @ params["wk"], x @ params["wv"], allowed)
+def _attend(params, x, keys, values, allowed):
+    return _hidden(params, x, keys, values, allowed) @ params["out"]
+
+
+class StandinApply:
+    """apply(params, ids, mask) -> logits, with .hidden and .head (the models contract scoring uses)."""
+
+    def hidden(self, params, input_ids, attention_mask, positions=None):
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        x = params["emb"][input_ids] + params["pos"][positions]
+        t = input_ids.shape[1]
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (attention_mask[:, None, :] > 0)
+        return _hidden(params, x, x @ params["wk"], x @ params["wv"], allowed)
+
+    def head(self, params, hidden):
+        return hidden @ params["out"]
+
+    def __call__(self, params, input_ids, attention_mask, positions=None):
+        return self.head(params, self.hidden(params, input_ids, attention_mask, positions))
+
+
+standin_apply = StandinApply()
 
 
 def standin_cache(batch, max_len):
@@ -85,18 +100,32 @@ def _close(a, b):
         np.testing.assert_array_equal(x.match, y.match)
 
 
-def test_token_stats_by_hand():
-    logits = jnp.array([[[0.0, 1.0, 2.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
-    labels = jnp.array([[5, 2, IGNORE]])  # scores token 2 at t=1 from logits[0]; t=2 ignored
-    out = jax.device_get(jax.jit(S.token_stats)(logits, labels))
+def test_vocab_stats_by_hand():
+    logits = jnp.array([[0.0, 1.0, 2.0], [2.0, 0.0, 0.0]])
+    logp, z, match = jax.device_get(jax.jit(S.vocab_stats)(logits, jnp.array([2, 1])))
     p = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
     lp = np.log(p)
     mu = (p * lp).sum()
     sigma = np.sqrt((p * lp**2).sum() - mu**2)
-    assert out["logp"][0, 0] == pytest.approx(lp[2], abs=1e-6)
-    assert out["z"][0, 0] == pytest.approx((lp[2] - mu) / sigma, abs=1e-5)
-    assert out["match"][0, 0] == 1.0
-    assert out["mask"][0].tolist() == [1.0, 0.0]
+    assert logp[0] == pytest.approx(lp[2], abs=1e-6)
+    assert z[0] == pytest.approx((lp[2] - mu) / sigma, abs=1e-5)
+    assert match.tolist() == [1.0, 0.0]
+
+
+def test_scored_positions_by_hand():
+    # the label at t + 1 is scored at position t; row 1 scores a gap-free answer, row 2 nothing
+    labels = np.array([[5, IGNORE, 7, IGNORE, 8], [5, IGNORE, 6, 7, IGNORE], [5] + [IGNORE] * 4])
+    index, count = S.scored_positions(labels)
+    assert count.tolist() == [2, 2, 0]
+    assert index.tolist() == [[1, 3, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0]]
+
+
+def test_scores_in_chunks_equal_one_pass(params):
+    # chunk 4 < the longest answer: several passes, rows with fewer scored tokens than the longest
+    ex = _examples(6, seed=5)
+    one_pass = S.score_examples(S.make_score_fn(standin_apply, chunk=64), params, ex, 3, PAD, (16,))
+    chunked = S.score_examples(S.make_score_fn(standin_apply, chunk=4), params, ex, 3, PAD, (16,))
+    _close(one_pass, chunked)  # equal up to float32 rounding of the head matmul at another shape
 
 
 def test_batched_equals_unbatched_and_padding_invariant(params, score_fn):
