@@ -45,7 +45,8 @@ class StandinApply:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         x = params["emb"][input_ids] + params["pos"][positions]
         t = input_ids.shape[1]
-        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (attention_mask[:, None, :] > 0)
+        keys, own = attention_mask[:, None, :], attention_mask[:, :, None]  # segment ids, 0 for padding
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (keys > 0) & ((keys == own) | (own == 0))
         return _hidden(params, x, x @ params["wk"], x @ params["wv"], allowed)
 
     def head(self, params, hidden):
@@ -118,6 +119,27 @@ def test_scored_positions_by_hand():
     index, count = S.scored_positions(labels)
     assert count.tolist() == [2, 2, 0]
     assert index.tolist() == [[1, 3, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0]]
+
+
+def test_pack_rows_and_collate_packed_by_hand():
+    ex = [{"input_ids": [2, 3, 4], "labels": [IGNORE, 3, 4]}, {"input_ids": [5, 6], "labels": [IGNORE, 6]},
+          {"input_ids": [7, 8, 9, 10, 11], "labels": [7, IGNORE, 9, 10, 11]}]
+    rows = S.pack_rows([3, 2, 5], width=6)
+    assert rows == [[2], [0, 1]]  # longest first; the 2-token example fits after the 3-token one
+    b = S.collate_packed(ex, rows, 6, PAD)
+    assert b["input_ids"].tolist() == [[7, 8, 9, 10, 11, PAD], [2, 3, 4, 5, 6, PAD]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 2, 2, 0]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0]]
+    # an example's first label is never scored (as after the shift of an unpacked row)
+    assert b["labels"].tolist() == [[IGNORE, IGNORE, 9, 10, 11, IGNORE], [IGNORE, 3, 4, IGNORE, 6, IGNORE]]
+
+
+def test_packed_scores_equal_one_example_per_row(params, score_fn):
+    ex = _examples(9, seed=7)
+    alone = S.score_examples(score_fn, params, ex, batch_size=1, pad_id=PAD, buckets=(16,))  # width 16
+    packed = S.score_examples(score_fn, params, ex, batch_size=2, pad_id=PAD, buckets=(40,))  # several per row
+    assert len(S.pack_rows([len(e["input_ids"]) for e in ex], 40)) < len(ex)
+    _close(alone, packed)
 
 
 def test_scores_in_chunks_equal_one_pass(params):
