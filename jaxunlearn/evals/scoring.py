@@ -227,6 +227,8 @@ def score_examples(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     from jaxunlearn.data.batching import bucket_length
 
+    if not examples:
+        return []
     lengths = [len(e["input_ids"]) for e in examples]
     width = bucket_length(max(lengths), buckets)
     counts = [sum(t != IGNORE for t in e["labels"][1:]) for e in examples]
