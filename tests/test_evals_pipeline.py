@@ -352,14 +352,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_real_model_batched_equals_unbatched(ev, bench):
-    """jaxunlearn.models scoring: batch of 8 (with fill rows) == one example at a time."""
+    """jaxunlearn.models scoring: batch of 8 (with fill rows) == one example at a time, and the packed rows
+    (several examples per row, each attending only to itself) == each example alone in a padded row."""
+    from jaxunlearn.models import make_apply
+    from jaxunlearn.ops import IGNORE
+
     pairs = [(r["question"], r["answer"]) for r in bench.forget_perturbed] + \
             [(r["question"], p) for r in bench.retain_perturbed[:1] for p in r["perturbed_answer"]]
     batched = ev.score_qa(pairs)
     single = dataclasses.replace(ev, batch_size=1, _fns={}).score_qa(pairs)
-    for a, b in zip(batched, single):
+    examples = [ev.encode_qa(q, a) for q, a in pairs]
+    width = BUCKETS[0]
+    ids = np.full((len(examples), width), ev.pad_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(examples):
+        ids[i, :len(e["input_ids"])], mask[i, :len(e["input_ids"])] = e["input_ids"], 1
+    logp = jax.nn.log_softmax(jax.jit(make_apply(ev.graphdef))(ev.params, ids, mask), axis=-1)
+    for i, (a, b, e) in enumerate(zip(batched, single, examples)):
         np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(a.match, b.match)
+        scored = [t for t in range(len(e["labels"]) - 1) if e["labels"][t + 1] != IGNORE]
+        alone = np.asarray(logp[i, scored, np.array(e["labels"])[np.array(scored) + 1]])
+        np.testing.assert_allclose(a.logp, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_splits_evaluated_together_equal_one_at_a_time(ev, bench):

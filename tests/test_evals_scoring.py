@@ -26,21 +26,37 @@ def _params(seed=0):
             "wk": n(ks[3], (D, D)), "wv": n(ks[4], (D, D)), "out": n(ks[5], (D, V)) * 3.0}
 
 
-def _attend(params, x, keys, values, allowed):
+def _hidden(params, x, keys, values, allowed):
     q = x @ params["wq"]
     s = jnp.einsum("bqd,bkd->bqk", q, keys) / np.sqrt(D)
     s = jnp.where(allowed, s, -1e30)
-    h = x + jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(s, axis=-1), values)
-    return h @ params["out"]
+    return x + jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(s, axis=-1), values)
 
 
-def standin_apply(params, input_ids, attention_mask, positions=None):
-    if positions is None:
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    x = params["emb"][input_ids] + params["pos"][positions]
-    t = input_ids.shape[1]
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (attention_mask[:, None, :] > 0)
-    return _attend(params, x, x @ params["wk"], x @ params["wv"], allowed)
+def _attend(params, x, keys, values, allowed):
+    return _hidden(params, x, keys, values, allowed) @ params["out"]
+
+
+class StandinApply:
+    """apply(params, ids, mask) -> logits, with .hidden and .head (the models contract scoring uses)."""
+
+    def hidden(self, params, input_ids, attention_mask, positions=None):
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        x = params["emb"][input_ids] + params["pos"][positions]
+        t = input_ids.shape[1]
+        keys, own = attention_mask[:, None, :], attention_mask[:, :, None]  # segment ids, 0 for padding
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (keys > 0) & ((keys == own) | (own == 0))
+        return _hidden(params, x, x @ params["wk"], x @ params["wv"], allowed)
+
+    def head(self, params, hidden):
+        return hidden @ params["out"]
+
+    def __call__(self, params, input_ids, attention_mask, positions=None):
+        return self.head(params, self.hidden(params, input_ids, attention_mask, positions))
+
+
+standin_apply = StandinApply()
 
 
 def standin_cache(batch, max_len):
@@ -85,18 +101,53 @@ def _close(a, b):
         np.testing.assert_array_equal(x.match, y.match)
 
 
-def test_token_stats_by_hand():
-    logits = jnp.array([[[0.0, 1.0, 2.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
-    labels = jnp.array([[5, 2, IGNORE]])  # scores token 2 at t=1 from logits[0]; t=2 ignored
-    out = jax.device_get(jax.jit(S.token_stats)(logits, labels))
+def test_vocab_stats_by_hand():
+    logits = jnp.array([[0.0, 1.0, 2.0], [2.0, 0.0, 0.0]])
+    logp, z, match = jax.device_get(jax.jit(S.vocab_stats)(logits, jnp.array([2, 1])))
     p = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
     lp = np.log(p)
     mu = (p * lp).sum()
     sigma = np.sqrt((p * lp**2).sum() - mu**2)
-    assert out["logp"][0, 0] == pytest.approx(lp[2], abs=1e-6)
-    assert out["z"][0, 0] == pytest.approx((lp[2] - mu) / sigma, abs=1e-5)
-    assert out["match"][0, 0] == 1.0
-    assert out["mask"][0].tolist() == [1.0, 0.0]
+    assert logp[0] == pytest.approx(lp[2], abs=1e-6)
+    assert z[0] == pytest.approx((lp[2] - mu) / sigma, abs=1e-5)
+    assert match.tolist() == [1.0, 0.0]
+
+
+def test_scored_positions_by_hand():
+    # the label at t + 1 is scored at position t; row 1 scores a gap-free answer, row 2 nothing
+    labels = np.array([[5, IGNORE, 7, IGNORE, 8], [5, IGNORE, 6, 7, IGNORE], [5] + [IGNORE] * 4])
+    index, count = S.scored_positions(labels)
+    assert count.tolist() == [2, 2, 0]
+    assert index.tolist() == [[1, 3, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0]]
+
+
+def test_pack_rows_and_collate_packed_by_hand():
+    ex = [{"input_ids": [2, 3, 4], "labels": [IGNORE, 3, 4]}, {"input_ids": [5, 6], "labels": [IGNORE, 6]},
+          {"input_ids": [7, 8, 9, 10, 11], "labels": [7, IGNORE, 9, 10, 11]}]
+    rows = S.pack_rows([3, 2, 5], width=6)
+    assert rows == [[2], [0, 1]]  # longest first; the 2-token example fits after the 3-token one
+    b = S.collate_packed(ex, rows, 6, PAD)
+    assert b["input_ids"].tolist() == [[7, 8, 9, 10, 11, PAD], [2, 3, 4, 5, 6, PAD]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 2, 2, 0]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0]]
+    # an example's first label is never scored (as after the shift of an unpacked row)
+    assert b["labels"].tolist() == [[IGNORE, IGNORE, 9, 10, 11, IGNORE], [IGNORE, 3, 4, IGNORE, 6, IGNORE]]
+
+
+def test_packed_scores_equal_one_example_per_row(params, score_fn):
+    ex = _examples(9, seed=7)
+    alone = S.score_examples(score_fn, params, ex, batch_size=1, pad_id=PAD, buckets=(16,))  # width 16
+    packed = S.score_examples(score_fn, params, ex, batch_size=2, pad_id=PAD, buckets=(40,))  # several per row
+    assert len(S.pack_rows([len(e["input_ids"]) for e in ex], 40)) < len(ex)
+    _close(alone, packed)
+
+
+def test_scores_in_chunks_equal_one_pass(params):
+    # chunk 4 < the longest answer: several passes, rows with fewer scored tokens than the longest
+    ex = _examples(6, seed=5)
+    one_pass = S.score_examples(S.make_score_fn(standin_apply, chunk=64), params, ex, 3, PAD, (16,))
+    chunked = S.score_examples(S.make_score_fn(standin_apply, chunk=4), params, ex, 3, PAD, (16,))
+    _close(one_pass, chunked)  # equal up to float32 rounding of the head matmul at another shape
 
 
 def test_batched_equals_unbatched_and_padding_invariant(params, score_fn):

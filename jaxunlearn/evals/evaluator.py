@@ -4,8 +4,9 @@
     scores = ev.score_qa(rows)                  # list[SampleScore], teacher forced, answer tokens only
     texts = ev.generate_answers(questions, 200) # greedy, KV cache, EOS / stop strings
 
-Compiled functions are cached per (kind, max_new_tokens), and jit keeps one executable per bucket
-shape, so evaluating several splits (or several models with the same graphdef) reuses them.
+Compiled functions are cached per (kind, max_new_tokens), and jit keeps one executable per shape (one
+scoring width, the bucket of the longest example; one generation prompt width), so evaluating several
+splits (or several models with the same graphdef) reuses them.
 With a mesh, parameters are placed by their logical axes (`jaxunlearn.sharding`), batches are
 split over ("data", "fsdp"), and the batch size is rounded up to a multiple of the batch shards.
 """

@@ -1,7 +1,7 @@
 """Jitted greedy generation with a KV cache.
 
-Shapes are static: a batch of prompts left-padded to a bucket length P (every batch of one call to
-the same P), and max_new_tokens N, so the cache holds P + N slots and one compiled function serves
+Shapes are static: a batch of prompts left-padded to a width P (every batch of one call to the same P:
+the longest prompt rounded up to a multiple of 16), and max_new_tokens N, so the cache holds P + N slots and one compiled function serves
 every batch of that bucket.
 The prefill writes the P prompt slots in one call; a `lax.while_loop` then feeds back one
 token per step (slot P + i), until N tokens are out or every row has produced EOS. Rows that
@@ -26,6 +26,8 @@ from jax import lax
 
 from jaxunlearn.evals.metrics import cut_at
 from jaxunlearn.evals.scoring import batch_order, fetch, fill_rows, place_batch
+
+PROMPT_WIDTH_STEP = 16  # generation prompts are left-padded to a multiple of this (see generate_tokens)
 
 
 def make_generate_fn(
@@ -98,12 +100,15 @@ def generate_tokens(
 ) -> list[list[int]]:
     """Greedy continuation token ids per prompt (EOS and what follows removed), in input order.
 
-    Every batch is left-padded to one width, the bucket of the longest prompt, so that one call runs one
-    compiled program (left padding costs only a wider prefill and attention span, not decoding steps)."""
+    Every batch is left-padded to one width, so that one call runs one compiled program: the longest
+    prompt rounded up to a multiple of PROMPT_WIDTH_STEP (at most its bucket). Left padding costs no
+    decoding step, but every step attends over the whole cache (prompt width + max_new_tokens slots),
+    so the width is kept tight rather than a bucket's."""
     from jaxunlearn.data.batching import bucket_length, collate_prompts
 
     order = batch_order([len(p) for p in prompts])
-    width = (bucket_length(max(len(p) for p in prompts), buckets),)
+    longest = max(len(p) for p in prompts)
+    width = (min(bucket_length(longest, buckets), -(-longest // PROMPT_WIDTH_STEP) * PROMPT_WIDTH_STEP),)
     pending = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

@@ -335,10 +335,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- attention
 def attention_mask(query_slots, kv_mask, window=None) -> jax.Array:
     """Boolean [B, 1, T, S]: query at slot query_slots[b, t] may attend key slot j (causal, padding and,
-    when `window` is given (an int or a traced int32 scalar), sliding window j > slot - window)."""
+    when `window` is given (an int or a traced int32 scalar), sliding window j > slot - window).
+
+    Packed rows: kv_mask may hold segment ids (1, 2, ... one per sequence, 0 for padding); a query in a
+    segment then sees only keys of its own segment. With a 0/1 mask this is the plain padding mask."""
     key_slots = jnp.arange(kv_mask.shape[1])[None, None, :]
     q = query_slots[:, :, None]
-    allowed = (key_slots <= q) & (kv_mask[:, None, :] != 0)
+    own = jnp.take_along_axis(kv_mask, query_slots, axis=1)[:, :, None]  # the query's segment (0: padding)
+    keys = kv_mask[:, None, :]
+    allowed = (key_slots <= q) & (keys != 0) & ((keys == own) | (own == 0))
     if window is not None:
         allowed = allowed & (key_slots > q - window)
     return allowed[:, None, :, :]
