@@ -353,7 +353,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_real_model_batched_equals_unbatched(ev, bench):
     """jaxunlearn.models scoring: batch of 8 (with fill rows) == one example at a time, and the packed rows
-    (several examples per row, each attending only to itself) == each example alone in a padded row."""
+    (several examples per row, each attending only to itself and to the question it shares with others: a
+    retain row's perturbed answers) == each example alone in a padded row."""
+    from jaxunlearn.evals.scoring import plan_rows
     from jaxunlearn.models import make_apply
     from jaxunlearn.ops import IGNORE
 
@@ -362,15 +364,20 @@ def test_real_model_batched_equals_unbatched(ev, bench):
     batched = ev.score_qa(pairs)
     single = dataclasses.replace(ev, batch_size=1, _fns={}).score_qa(pairs)
     examples = [ev.encode_qa(q, a) for q, a in pairs]
+    wide = dataclasses.replace(ev, buckets=(128,), _fns={})  # rows wide enough for a question and 2+ answers
+    assert any(p.context for row in plan_rows(examples, 128) for p in row)
+    shared = wide.score_qa(pairs)
     width = BUCKETS[0]
     ids = np.full((len(examples), width), ev.pad_id, np.int32)
     mask = np.zeros_like(ids)
     for i, e in enumerate(examples):
         ids[i, :len(e["input_ids"])], mask[i, :len(e["input_ids"])] = e["input_ids"], 1
     logp = jax.nn.log_softmax(jax.jit(make_apply(ev.graphdef))(ev.params, ids, mask), axis=-1)
-    for i, (a, b, e) in enumerate(zip(batched, single, examples)):
-        np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(a.match, b.match)
+    for i, (a, b, c, e) in enumerate(zip(batched, single, shared, examples)):
+        for other in (b, c):
+            np.testing.assert_allclose(a.logp, other.logp, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(a.z, other.z, rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(a.match, other.match)
         scored = [t for t in range(len(e["labels"]) - 1) if e["labels"][t + 1] != IGNORE]
         alone = np.asarray(logp[i, scored, np.array(e["labels"])[np.array(scored) + 1]])
         np.testing.assert_allclose(a.logp, alone, rtol=1e-5, atol=1e-5)
@@ -438,3 +445,15 @@ def test_cli_hf_folder_tokenizer_larger_than_vocab_is_an_error(tmp_path, capsys)
                    "--max-len", "64", "--batch-size", "8", "--mesh-data", "1", "--no-mia", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 1 and "vocab_size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_contexts_not_shared_when_a_sliding_window_is_shorter_than_a_row(ev):
+    """A sliding window counts row slots, and a shared question sits further back in a row than in its
+    example alone: with a window shorter than the row width every example is laid out alone."""
+    import types
+
+    examples = [ev.encode_qa("Who?", "Someone.")]
+    windowed = dataclasses.replace(ev, model_config=types.SimpleNamespace(layer_windows=(None, 8)))
+    wide = dataclasses.replace(ev, model_config=types.SimpleNamespace(layer_windows=(None, 64)))
+    assert ev._shares_contexts(examples, BUCKETS) and wide._shares_contexts(examples, BUCKETS)
+    assert not windowed._shares_contexts(examples, BUCKETS)

@@ -45,8 +45,12 @@ class StandinApply:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         x = params["emb"][input_ids] + params["pos"][positions]
         t = input_ids.shape[1]
-        keys, own = attention_mask[:, None, :], attention_mask[:, :, None]  # segment ids, 0 for padding
-        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (keys > 0) & ((keys == own) | (own == 0))
+        if attention_mask.ndim == 3:  # explicit [B, T, T] visibility
+            seen = attention_mask
+        else:
+            keys, own = attention_mask[:, None, :], attention_mask[:, :, None]  # segment ids, 0 for padding
+            seen = (keys > 0) & ((keys == own) | (own == 0))
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & seen
         return _hidden(params, x, x @ params["wk"], x @ params["wv"], allowed)
 
     def head(self, params, hidden):
@@ -113,32 +117,56 @@ def test_vocab_stats_by_hand():
     assert match.tolist() == [1.0, 0.0]
 
 
-def test_scored_positions_by_hand():
-    # the label at t + 1 is scored at position t; row 1 scores a gap-free answer, row 2 nothing
-    labels = np.array([[5, IGNORE, 7, IGNORE, 8], [5, IGNORE, 6, 7, IGNORE], [5] + [IGNORE] * 4])
-    index, count = S.scored_positions(labels)
-    assert count.tolist() == [2, 2, 0]
-    assert index.tolist() == [[1, 3, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0]]
+def test_plan_rows_by_hand():
+    ex = [{"input_ids": [2] * n, "labels": [IGNORE] + [2] * (n - 1)} for n in (3, 2, 5)]  # contexts [2]: shared
+    assert S.plan_rows(ex, width=6, share=False) == [[S.Piece(0, (2,))], [S.Piece(0, (0,)), S.Piece(0, (1,))]]
+    # longest first; the 1-token context shared: the 3-token one would take 2 more in row 0 (1 free), the
+    # 2-token one takes 1 there
+    assert S.plan_rows(ex, width=6) == [[S.Piece(1, (2, 1))], [S.Piece(0, (0,))]]
+    assert S.plan_rows(ex, width=8) == [[S.Piece(1, (2, 0, 1))]]  # 5 + 2 + 1 = 8 tokens
 
 
-def test_pack_rows_and_collate_packed_by_hand():
-    ex = [{"input_ids": [2, 3, 4], "labels": [IGNORE, 3, 4]}, {"input_ids": [5, 6], "labels": [IGNORE, 6]},
-          {"input_ids": [7, 8, 9, 10, 11], "labels": [7, IGNORE, 9, 10, 11]}]
-    rows = S.pack_rows([3, 2, 5], width=6)
-    assert rows == [[2], [0, 1]]  # longest first; the 2-token example fits after the 3-token one
-    b = S.collate_packed(ex, rows, 6, PAD)
-    assert b["input_ids"].tolist() == [[7, 8, 9, 10, 11, PAD], [2, 3, 4, 5, 6, PAD]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 2, 2, 0]]
-    assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0]]
-    # an example's first label is never scored (as after the shift of an unpacked row)
-    assert b["labels"].tolist() == [[IGNORE, IGNORE, 9, 10, 11, IGNORE], [IGNORE, 3, 4, IGNORE, 6, IGNORE]]
+def test_collate_rows_by_hand():
+    # examples 0 and 2 share the context [2, 3] (tokens before their first scored label); 1 is alone
+    ex = [{"input_ids": [2, 3, 4, 5], "labels": [IGNORE, IGNORE, 4, 5]},
+          {"input_ids": [2, 6, 7], "labels": [IGNORE, 6, 7]},
+          {"input_ids": [2, 3, 8], "labels": [IGNORE, IGNORE, 8]}]
+    rows = S.plan_rows(ex, width=6)
+    assert rows == [[S.Piece(2, (0, 2))], [S.Piece(0, (1,))]]  # 4 tokens, then 3 (no room), then 3 - 2 = 1 after its context
+    b, layout = S.collate_rows(ex, rows, 6, PAD)
+    assert b["input_ids"].tolist() == [[2, 3, 4, 5, 8, PAD], [2, 6, 7] + [PAD] * 3]
+    assert b["segments"].tolist() == [[1, 1, 2, 2, 3, 0], [1, 1, 1, 0, 0, 0]]
+    assert b["contexts"].tolist() == [[0, 0, 1, 1, 1, 0], [0] * 6]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 2, 0], [0, 1, 2, 0, 0, 0]]
+    # token 4 and token 8 are both predicted at the context's last position (1); token 5 at position 2
+    assert b["score_count"].tolist() == [3, 2]
+    assert b["score_index"][0, :3].tolist() == [1, 2, 1] and b["score_target"][0, :3].tolist() == [4, 5, 8]
+    assert b["score_index"][1, :2].tolist() == [0, 1] and b["score_target"][1, :2].tolist() == [6, 7]
+    assert layout == [[(0, 2), (2, 1)], [(1, 2)]]
+    seen = np.asarray(S.visibility(jnp.asarray(b["segments"]), jnp.asarray(b["contexts"])))[0]
+    assert seen[4].tolist() == [True, True, False, False, True, False]  # context + itself
+    assert seen[2].tolist() == [True, True, True, True, False, False]
+
+
+def _shared_context_examples(seed=2):
+    """Questions each scored with several answers (as TOFU's answer / paraphrase / perturbed answers)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(4):
+        question = rng.integers(2, V, size=rng.integers(2, 7)).tolist()
+        for _ in range(rng.integers(1, 5)):
+            answer = rng.integers(2, V, size=rng.integers(1, 9)).tolist()
+            out.append({"input_ids": question + answer, "labels": [IGNORE] * len(question) + answer})
+    return out
 
 
 def test_packed_scores_equal_one_example_per_row(params, score_fn):
-    ex = _examples(9, seed=7)
-    alone = S.score_examples(score_fn, params, ex, batch_size=1, pad_id=PAD, buckets=(16,))  # width 16
+    ex = _examples(9, seed=7) + _shared_context_examples()
+    alone = S.score_examples(score_fn, params, ex, batch_size=1, pad_id=PAD, buckets=(16,), share_contexts=False)
     packed = S.score_examples(score_fn, params, ex, batch_size=2, pad_id=PAD, buckets=(40,))  # several per row
-    assert len(S.pack_rows([len(e["input_ids"]) for e in ex], 40)) < len(ex)
+    rows = S.plan_rows(ex, 40)
+    assert len(rows) < len(S.plan_rows(ex, 40, share=False)) < len(ex)  # shared contexts laid out once
+    assert any(p.context for row in rows for p in row)
     _close(alone, packed)
 
 

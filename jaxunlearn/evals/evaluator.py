@@ -99,7 +99,15 @@ class Evaluator:
             raise ValueError(f"example {empty[0]} has no scored token (its prompt fills max_len={self.max_len}); "
                              "raise max_len")
         return score_examples(self._score_fn(), self.params, examples, self.batch_size, self.pad_id,
-                              self.buckets, self.batch_sharding)
+                              self.buckets, self.batch_sharding, self._shares_contexts(examples, self.buckets))
+
+    def _shares_contexts(self, examples: Sequence[Mapping], buckets: Sequence[int]) -> bool:
+        """Whether examples may share their context in a row: not when a sliding-window layer's window is
+        shorter than a row (the window counts row slots, and a shared context sits further back there)."""
+        from jaxunlearn.data.batching import bucket_length
+
+        windows = [w for w in getattr(self.model_config, "layer_windows", ()) if w]
+        return not windows or min(windows) >= bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
 
     def encode_qa(self, question: str, answer: str) -> dict:
         from jaxunlearn.data import encode_qa
@@ -123,7 +131,7 @@ class Evaluator:
         if longest > max(buckets):
             buckets += (max_tokens + 1,)
         return score_examples(self._score_fn(), self.params, examples, self.batch_size, self.pad_id,
-                              buckets, self.batch_sharding)
+                              buckets, self.batch_sharding, self._shares_contexts(examples, buckets))
 
     # ------------------------------------------------------------------ generation
     def _gen_fn(self, max_new_tokens: int) -> Callable:

@@ -9,7 +9,9 @@ Functional use (everything jittable):
 
 Attention masks: a query at slot t sees key slot j iff j <= t and attention_mask[b, j] == 1 (and, on
 sliding-window layers, j > t - window). Default positions are cumsum(attention_mask) - 1 clipped at 0, so
-right and left padding both give each real token its position in its own sequence.
+right and left padding both give each real token its position in its own sequence. attention_mask may also
+hold segment ids of sequences packed side by side, or be a boolean [B, T, T] of which tokens each token may
+see (causality applied on top; positions then explicit): see `attention_mask()`.
 
 Dtypes: `param_dtype` is the storage dtype of parameters; `dtype` is the compute dtype of matmuls and
 activations. Norms, rotary tables and attention softmax run in float32; logits are returned in float32
@@ -25,9 +27,10 @@ Layers: every decoder-layer parameter is stored stacked, [num_layers, ...] with 
 "layers" (never sharded), e.g. params["layers"]["self_attn"]["q_proj"]["kernel"] is [L, E, H, D]. The
 layers run as one jax.lax.scan over that axis (ModelConfig.scan_layers; program size and compile time do
 not grow with depth) or as a Python loop over the same parameters, each layer rematerialised with the
-policy named by ModelConfig.remat. Attention is jax.nn.dot_product_attention (ModelConfig.attention:
-"xla" or "cudnn") with a boolean causal + padding (+ sliding-window) mask; grouped-query attention passes
-the fewer key/value heads as they are.
+policy named by ModelConfig.remat. Attention (ModelConfig.attention) takes a boolean causal + padding
+(+ sliding-window) mask and the fewer key/value heads of grouped-query attention as they are: "xla" is
+`causal_attention` (blocks of queries over the keys up to the block, no work above the diagonal) without a
+cache and jax.nn.dot_product_attention with one; "cudnn" is jax.nn.dot_product_attention's cuDNN kernel.
 
 KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"}, each a list of one
 [B, num_kv_heads, head_dim, max_len] array per layer (slots last: the layout both attention matmuls read
@@ -338,15 +341,36 @@ def attention_mask(query_slots, kv_mask, window=None) -> jax.Array:
     when `window` is given (an int or a traced int32 scalar), sliding window j > slot - window).
 
     Packed rows: kv_mask may hold segment ids (1, 2, ... one per sequence, 0 for padding); a query in a
-    segment then sees only keys of its own segment. With a 0/1 mask this is the plain padding mask."""
-    key_slots = jnp.arange(kv_mask.shape[1])[None, None, :]
+    segment then sees only keys of its own segment. With a 0/1 mask this is the plain padding mask.
+    A boolean [B, T, S] kv_mask says explicitly which key slots each of the T queries may see (causality
+    still applies), e.g. sequences that continue a shared context (`jaxunlearn.evals.scoring.visibility`)."""
+    key_slots = jnp.arange(kv_mask.shape[-1])[None, None, :]
     q = query_slots[:, :, None]
-    own = jnp.take_along_axis(kv_mask, query_slots, axis=1)[:, :, None]  # the query's segment (0: padding)
-    keys = kv_mask[:, None, :]
-    allowed = (key_slots <= q) & (keys != 0) & ((keys == own) | (own == 0))
+    if kv_mask.ndim == 3:
+        allowed = (key_slots <= q) & kv_mask.astype(bool)
+    else:
+        own = jnp.take_along_axis(kv_mask, query_slots, axis=1)[:, :, None]  # the query's segment (0: padding)
+        keys = kv_mask[:, None, :]
+        allowed = (key_slots <= q) & (keys != 0) & ((keys == own) | (own == 0))
     if window is not None:
         allowed = allowed & (key_slots > q - window)
     return allowed[:, None, :, :]
+
+
+ATTENTION_BLOCK = 64  # queries per block of `causal_attention` (CPU A/B on 256-slot rows: 64 < 32 < 128 < unblocked)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                     block: int = ATTENTION_BLOCK) -> jax.Array:
+    """jax.nn.dot_product_attention (XLA) of T queries over the keys of the same T slots (no cache: query t
+    at slot t) under the boolean mask allowed [B, 1, T, T] (causality included), one block of `block`
+    queries at a time over the keys up to that block's last slot only: the blocks above the diagonal, all
+    masked, are never computed (10 of 16 blocks of a 256-slot row). q [B, T, H, D], k and v [B, T, KV, D]."""
+    t = q.shape[1]
+    outs = [jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
+                                         mask=allowed[:, :, start:start + block, :start + block], implementation="xla")
+            for start in range(0, t, block)]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
@@ -381,11 +405,14 @@ class Attention(nnx.Module):
         if implementation == "cudnn" and jax.default_backend() != "gpu":
             raise ModelConfigError(f"attention 'cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); "
                                    "use attention 'xla'")
-        # Grouped-query attention: dot_product_attention takes fewer key/value heads than query heads
-        # and groups the queries (keys and values are never repeated).
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=attention_mask(query_slots, kv_mask, window),
-            is_causal=implementation == "cudnn", implementation=implementation)
+        # Grouped-query attention: fewer key/value heads than query heads, the queries grouped (keys and
+        # values are never repeated).
+        mask = attention_mask(query_slots, kv_mask, window)
+        if cache is None and implementation == "xla":
+            out = causal_attention(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=implementation == "cudnn",
+                                               implementation=implementation)
         return checkpoint_name(self.o_proj(out), "out_proj"), cache
 
 
@@ -518,6 +545,8 @@ class CausalLM(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if positions is None:
+            if attention_mask.ndim == 3:
+                raise ValueError("a [B, T, T] attention mask needs explicit positions")
             positions = default_positions(attention_mask)
         slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
         x, _ = self.forward_hidden(input_ids, positions, slots, attention_mask, num_layers=num_layers)
