@@ -51,6 +51,20 @@ def test_rouge_l_recall_and_f1_by_hand():
     assert M.rouge_l_f1("she writes", "she writing") == pytest.approx(0.5)
 
 
+def test_rouge_equals_rouge_score_stock_scorer():
+    """The scorer with remembered stems gives rouge_score's own RougeScorer values, bit for bit."""
+    from rouge_score import rouge_scorer
+
+    rng = np.random.default_rng(0)
+    words = ("The author's writing, in 1987, explored identities; she writes novels and wrote stories about "
+             "running, runners, ran and caring carefully -- généalogie 42x").split()
+    texts = [" ".join(rng.choice(words, size=rng.integers(0, 30))) for _ in range(60)]
+    for stem in (True, False):
+        stock = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+        for pred, ref in zip(texts[::2], texts[1::2]):
+            assert M.rouge_l(pred, ref, use_stemmer=stem) == stock.score(ref, pred)["rougeL"]
+
+
 def test_forget_quality_ks_and_undefined_without_retain():
     a = np.array([0.1, 0.2, 0.3, 0.4])
     assert M.forget_quality(a, None) is None
