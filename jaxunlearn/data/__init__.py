@@ -18,6 +18,7 @@ from jaxunlearn.data.prompts import (
     QA,
     SYSTEM_PROMPT,
     PromptFormat,
+    encode_pairs,
     encode_prompt,
     encode_qa,
     encode_rows,
@@ -35,7 +36,8 @@ __all__ = [
     "TOFU_SPLITS", "MuseBenchmark", "knowmem_prompt", "load_muse", "muse_benchmark", "load_tofu", "tofu_benchmark",
     "encode_texts",
     "DataError", "DataFileNotFoundError", "PairedIterator", "PromptFormat", "UnlearnBenchmark",
-    "bucket_ladder", "bucket_length", "collate", "collate_prompts", "encode_prompt", "encode_qa", "encode_rows",
+    "bucket_ladder", "bucket_length", "collate", "collate_prompts", "encode_pairs", "encode_prompt", "encode_qa",
+    "encode_rows",
     "host_slice", "prompt_format_for", "prompt_text", "synthetic_benchmark", "synthetic_tokenizer",
     "target_rows", "to_global",
 ]

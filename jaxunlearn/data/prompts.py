@@ -170,8 +170,13 @@ def encode_qa(tokenizer: Any, fmt: PromptFormat, question: str, answer: str, max
 
     Labels are IGNORE on BOS and prompt tokens and equal input_ids on answer tokens and EOS.
     """
-    ((ids, n_prompt),) = _encode_many(tokenizer, fmt, [(question, answer)])
-    return _cut(ids, n_prompt, max_len)
+    return encode_pairs(tokenizer, fmt, [(question, answer)], max_len)[0]
+
+
+def encode_pairs(tokenizer: Any, fmt: PromptFormat, pairs: Sequence[tuple[str, str]],
+                 max_len: int) -> list[dict[str, list[int]]]:
+    """encode_qa of many (question, answer) pairs, tokenized as two batches (prompts, prompts + answers)."""
+    return [_cut(ids, n_prompt, max_len) for ids, n_prompt in _encode_many(tokenizer, fmt, pairs)] if pairs else []
 
 
 def encode_rows(

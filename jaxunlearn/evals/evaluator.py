@@ -116,7 +116,9 @@ class Evaluator:
 
     def score_qa(self, pairs: Sequence[tuple[str, str]]) -> list[SampleScore]:
         """Scores of (question, answer) pairs, answer tokens (and EOS) only."""
-        return self.score_examples([self.encode_qa(q, a) for q, a in pairs])
+        from jaxunlearn.data import encode_pairs
+
+        return self.score_examples(encode_pairs(self.tokenizer, self.fmt, pairs, self.max_len))
 
     def score_texts(self, texts: Sequence[str], max_tokens: int) -> list[SampleScore]:
         """Scores of raw texts, every token after the first scored, each cut to its first max_tokens
