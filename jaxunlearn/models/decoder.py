@@ -361,12 +361,13 @@ ATTENTION_BLOCK = 64  # queries per block of `causal_attention` (CPU A/B on 256-
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
-                     block: int = ATTENTION_BLOCK) -> jax.Array:
+                     block: int | None = None) -> jax.Array:
     """jax.nn.dot_product_attention (XLA) of T queries over the keys of the same T slots (no cache: query t
     at slot t) under the boolean mask allowed [B, 1, T, T] (causality included), one block of `block`
     queries at a time over the keys up to that block's last slot only: the blocks above the diagonal, all
-    masked, are never computed (10 of 16 blocks of a 256-slot row). q [B, T, H, D], k and v [B, T, KV, D]."""
-    t = q.shape[1]
+    masked, are never computed (10 of 16 blocks of a 256-slot row). q [B, T, H, D], k and v [B, T, KV, D].
+    `block` defaults to ATTENTION_BLOCK, read when traced."""
+    t, block = q.shape[1], block or ATTENTION_BLOCK
     outs = [jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
                                          mask=allowed[:, :, start:start + block, :start + block], implementation="xla")
             for start in range(0, t, block)]
