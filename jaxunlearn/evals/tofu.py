@@ -13,8 +13,10 @@ Forget quality needs the retain model's per-sample forget truth ratios (`retain_
 the retain model's per-sample JSON: `load_forget_ratios`); without them it is None (undefined).
 Model utility is the harmonic mean of the nine retain / real_authors / world_facts values.
 
-As in the TOFU code, every answer is scored in a separate forward pass with its question, and a
-sample's loss is the mean NLL over its answer tokens plus EOS (`jaxunlearn.data.encode_qa`).
+As in the TOFU code, every answer is scored as in a forward pass of its own with its question (the
+question's tokens are computed once for all of its answers, each answer attending only to its question
+and itself: `jaxunlearn.evals.scoring`), and a sample's loss is the mean NLL over its answer tokens plus
+EOS (`jaxunlearn.data.encode_qa`).
 """
 
 from __future__ import annotations
