@@ -718,6 +718,10 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     grouped = q.reshape(b, t, kv, h // kv, d)
     precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                  jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+    if precision is not None and jax.default_backend() == "cpu":
+        # XLA:CPU runs no batched 16-bit x 16-bit -> float32 product; float32 operands give the same (exact)
+        # products, summed in float32
+        grouped, keys, precision = grouped.astype(jnp.float32), keys.astype(jnp.float32), None
     scores = jnp.einsum("btkgd,bkds->bkgts", grouped, keys, precision=precision,
                         preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(1.0 / math.sqrt(d))
