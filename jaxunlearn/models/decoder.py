@@ -34,7 +34,8 @@ KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "v
 without a transposed copy); `make_decode(graphdef)` gives
 `decode(params, input_ids[B,S], positions[B,S], kv_mask[B,max_len], cache, cache_index) -> (logits, cache)`,
 which writes the S new keys/values at slots [cache_index, cache_index + S) and lets the query at slot s
-attend to slot j iff j <= s and kv_mask[b, j] == 1.
+attend to slot j iff j <= s and kv_mask[b, j] == 1; `decode.prepare(params)` is what a decoding loop
+passes as params instead (built once, outside the loop; see make_decode).
 """
 
 from __future__ import annotations
