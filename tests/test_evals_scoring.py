@@ -232,6 +232,20 @@ def test_generation_matches_naive_greedy(params, prompts):
     assert any(len(g) < N_NEW for g in got)
 
 
+def test_greedy_token_is_argmax_with_ties_and_nans():
+    """greedy_token (a max and a min) answers as jnp.argmax: first of tied maxima, first NaN, -inf rows."""
+    rng = np.random.default_rng(0)
+    rows = rng.integers(-3, 4, (6, 9)).astype(np.float32)  # small integers: many ties
+    rows[1, [2, 5]] = np.nan
+    rows[2] = -np.inf
+    rows[3, 4] = np.inf
+    rows[4, 0] = -0.0
+    rows[4, 1:] = 0.0
+    got = np.asarray(jax.jit(G.greedy_token)(jnp.asarray(rows)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(rows), axis=-1)))
+    assert got.dtype == np.int32
+
+
 def test_trim_and_stop_strings():
     assert G.trim_at_eos([4, 5, EOS, 6], EOS) == [4, 5]
     assert G.trim_at_eos([4, 5], EOS) == [4, 5]

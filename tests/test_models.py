@@ -91,6 +91,31 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(built, tokens):
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=2e-5)
 
 
+def test_decode_prepared_params_and_bf16_cache(tokens):
+    """decode.prepare (layers sliced once, what a decoding loop passes) gives bitwise the same logits and cache;
+    a bf16 model decodes on CPU (16-bit attention products over a bf16 cache) close to fp32. Grouped-query
+    attention with a sliding window."""
+    cfg = ModelConfig.preset("tiny-llama-gqa", vocab_size=VOCAB, sliding_window=5)
+    graphdef, params = split_params(init_model(cfg, seed=1))
+    mask = jnp.ones((B, T + 1), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(T + 1)[None], (B, T + 1))
+
+    def run(decode, p, dtype):
+        cache = init_cache(cfg, B, T + 1, dtype)
+        first, cache = decode(p, tokens, positions[:, :T], mask, cache, 0)
+        step, cache = decode(p, tokens[:, :1], positions[:, T:], mask, cache, T)
+        return first, step, cache["key"][-1], cache["value"][0]
+
+    decode = make_decode(graphdef)
+    plain, prepared = jax.jit(lambda p: (run(decode, p, "float32"), run(decode, decode.prepare(p), "float32")))(params)
+    for x, y in zip(plain, prepared):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    decode16 = make_decode(split_params(init_model(cfg, seed=1, dtype="bfloat16"))[0])
+    half = jax.jit(lambda p: run(decode16, decode16.prepare(p), "bfloat16"))(params)
+    assert half[2].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half[1], np.float32), np.asarray(plain[1]), atol=0.05)
+
+
 def test_bf16_forward_close_to_fp32(built, tokens):
     """bf16 parameters and compute: logits within 0.05 absolute of fp32 on tiny random models whose logits
     are O(1) (measured: ~0.015). bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.004); rounding the weights, every

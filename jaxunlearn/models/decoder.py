@@ -37,7 +37,8 @@ KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "v
 without a transposed copy); `make_decode(graphdef)` gives
 `decode(params, input_ids[B,S], positions[B,S], kv_mask[B,max_len], cache, cache_index) -> (logits, cache)`,
 which writes the S new keys/values at slots [cache_index, cache_index + S) and lets the query at slot s
-attend to slot j iff j <= s and kv_mask[b, j] == 1.
+attend to slot j iff j <= s and kv_mask[b, j] == 1; `decode.prepare(params)` is what a decoding loop
+passes as params instead (built once, outside the loop; see make_decode).
 """
 
 from __future__ import annotations
@@ -415,9 +416,10 @@ class Attention(nnx.Module):
         v = checkpoint_name(constrain(self.v_proj(x), ACT_KV_HEADS), "value_proj")
         implementation = self.implementation
         if cache is not None:
-            cache, k_all, v_all = write_cache(cache, k, v, cache_index)
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-            implementation = "xla"  # queries sit at cache slots, not 0..T-1: cuDNN's causal mask does not apply
+            cache = write_cache(cache, k, v, cache_index)
+            out = cached_attention(q, cache["key"].astype(self.dtype), cache["value"].astype(self.dtype),
+                                   attention_mask(query_slots, kv_mask, window))
+            return checkpoint_name(self.o_proj(out), "out_proj"), cache
         if implementation == "cudnn" and jax.default_backend() != "gpu":
             raise ModelConfigError(f"attention 'cudnn' needs an NVIDIA GPU (backend is {jax.default_backend()!r}); "
                                    "use attention 'xla'")
@@ -574,14 +576,16 @@ class CausalLM(nnx.Module):
         return self.logits_from_hidden(self.norm(x)), new_cache
 
     def forward_hidden(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None,
-                       num_layers=None):
+                       num_layers=None, layer_states=None):
         """Embedding and the first `num_layers` (default: all) decoder layers, no final norm;
         returns (residual stream [B, T, D], new cache or None).
 
         The layers run as a jax.lax.scan over the stacked layer parameters (`config.scan_layers`), or as a
         Python loop over the same parameters; each layer under jax.checkpoint with `config.remat`'s policy
         when there is no cache. With a cache (decoding: {"key", "value"}, lists of per-layer
-        [B, kv_heads, head_dim, S] arrays) the layers run unrolled, each updating its own buffers in place."""
+        [B, kv_heads, head_dim, S] arrays) the layers run unrolled, each updating its own buffers in place;
+        `layer_states` (decoding only) gives each layer's parameters already sliced out of the stack
+        (`slice_layers`), so that a decoding loop does not copy them out at every step."""
         cfg = self.config
         n = cfg.num_layers if num_layers is None else int(num_layers)
         if not 0 <= n <= cfg.num_layers:
@@ -612,7 +616,8 @@ class CausalLM(nnx.Module):
             # layer out of a cache stacked over layers copies it, for every layer at every step)
             new_cache = {"key": [], "value": []}
             for i in range(n):
-                x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs),
+                layer_state = jax.tree.map(lambda a: a[i], state) if layer_states is None else layer_states[i]
+                x, layer_cache = body(x, (layer_state, None if windows is None else windows[i]),
                                       {"key": cache["key"][i], "value": cache["value"][i]})
                 new_cache["key"].append(layer_cache["key"])
                 new_cache["value"].append(layer_cache["value"])
@@ -735,30 +740,69 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32")
     return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for name in ("key", "value")}
 
 
-def write_cache(cache: dict, k: jax.Array, v: jax.Array, cache_index) -> tuple[dict, jax.Array, jax.Array]:
+def write_cache(cache: dict, k: jax.Array, v: jax.Array, cache_index) -> dict:
     """Write one layer's new keys/values [B, S, kv_heads, head_dim] at slots [cache_index, cache_index + S) of
-    its cache {"key", "value"} [B, kv_heads, head_dim, max_len] (in place when the cache is loop-carried);
-    returns (cache, keys, values [B, max_len, kv_heads, head_dim]). Slots are the last axis, the layout both
-    attention matmuls read without a transposed copy."""
+    its cache {"key", "value"} [B, kv_heads, head_dim, max_len] (in place when the cache is loop-carried).
+    Slots are the last axis, the layout both attention products of `cached_attention` read as they are."""
     zero = jnp.zeros((), jnp.int32)
     start = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32))
 
     def write(buffer, new):
-        buffer = jax.lax.dynamic_update_slice(buffer, jnp.transpose(new.astype(buffer.dtype), (0, 2, 3, 1)), start)
-        return buffer, jnp.transpose(buffer, (0, 3, 1, 2))
+        return jax.lax.dynamic_update_slice(buffer, jnp.transpose(new.astype(buffer.dtype), (0, 2, 3, 1)), start)
 
-    key, k_all = write(cache["key"], k)
-    value, v_all = write(cache["value"], v)
-    return {"key": key, "value": value}, k_all, v_all
+    return {"key": write(cache["key"], k), "value": write(cache["value"], v)}
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of queries q [B, T, H, D] over a layer's cache keys/values [B, kv_heads, D, S] (slots last)
+    with a boolean mask [B, 1, T, S]; returns [B, T, H, D]. The operations of jax.nn.dot_product_attention's
+    "xla" implementation (float32 scores scaled by 1/sqrt(D), masked, float32 softmax, probabilities in the
+    values' dtype), but with products that read the cache in its own layout: no transposed view of a whole
+    cache, no 5-D grouped einsum. Query head h uses key/value head h // (H // kv_heads), as there."""
+    b, t, h, d = q.shape
+    kv = keys.shape[1]
+    grouped = q.reshape(b, t, kv, h // kv, d)
+    precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                 jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+    if precision is not None and jax.default_backend() == "cpu":
+        # XLA:CPU runs no batched 16-bit x 16-bit -> float32 product; float32 operands give the same (exact)
+        # products, summed in float32
+        grouped, keys, precision = grouped.astype(jnp.float32), keys.astype(jnp.float32), None
+    scores = jnp.einsum("btkgd,bkds->bkgts", grouped, keys, precision=precision,
+                        preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / math.sqrt(d))
+    scores = jnp.where(mask[:, :, None], scores, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkgts,bkds->btkgd", probs, values).reshape(b, t, h, d)
+
+
+def slice_layers(params) -> list:
+    """Each layer's parameters sliced out of the stacked params["layers"] (what `forward_hidden` takes as
+    `layer_states`)."""
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return [jax.tree.map(lambda a: a[i], layers) for i in range(count)]
 
 
 def make_decode(graphdef, mesh=None) -> Callable:
-    """Pure `decode(params, input_ids, positions, kv_mask, cache, cache_index) -> (logits, cache)`."""
+    """Pure `decode(params, input_ids, positions, kv_mask, cache, cache_index) -> (logits, cache)`, and
+    `decode.prepare(params)`: what a decoding loop passes as `params` instead, built once outside the loop.
+
+    On CPU, prepare slices each layer's weights out of the stack once (XLA:CPU does not hoist those
+    slices out of a while loop: every step would copy every weight; the slices cost one extra copy of
+    the layer weights while the loop runs). Elsewhere it returns params unchanged."""
 
     def decode(params, input_ids, positions, kv_mask, cache, cache_index):
+        params, layer_states = params if isinstance(params, tuple) else (params, None)
         model = nnx.merge(graphdef, params)
         slots = cache_index + jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
         with mesh_context(mesh):
-            return model.forward(input_ids, positions, slots, kv_mask, cache, cache_index)
+            x, cache = model.forward_hidden(input_ids, positions, slots, kv_mask, cache, cache_index,
+                                            layer_states=layer_states)
+            return model.logits_from_hidden(model.norm(x)), cache
 
+    def prepare(params):
+        return (params, slice_layers(params)) if jax.default_backend() == "cpu" else params
+
+    decode.prepare = prepare
     return decode
