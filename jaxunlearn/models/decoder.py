@@ -29,8 +29,8 @@ layers run as one jax.lax.scan over that axis (ModelConfig.scan_layers; program 
 not grow with depth) or as a Python loop over the same parameters, each layer rematerialised with the
 policy named by ModelConfig.remat. Attention (ModelConfig.attention) takes a boolean causal + padding
 (+ sliding-window) mask and the fewer key/value heads of grouped-query attention as they are: "xla" is
-`causal_attention` (blocks of queries over the keys up to the block, no work above the diagonal) without a
-cache and jax.nn.dot_product_attention with one; "cudnn" is jax.nn.dot_product_attention's cuDNN kernel.
+`causal_attention` (blocks of queries over the keys up to the block, no work above the diagonal); "cudnn" is
+jax.nn.dot_product_attention's cuDNN kernel. Decoding with a KV cache uses `cached_attention` either way.
 
 KV cache (generation): `init_cache(cfg, batch, max_len, dtype)` gives {"key", "value"}, each a list of one
 [B, num_kv_heads, head_dim, max_len] array per layer (slots last: the layout both attention matmuls read
@@ -426,12 +426,11 @@ class Attention(nnx.Module):
         # Grouped-query attention: fewer key/value heads than query heads, the queries grouped (keys and
         # values are never repeated).
         mask = attention_mask(query_slots, kv_mask, window)
-        if cache is None and implementation == "xla":
+        if implementation == "xla":
             out = causal_attention(q, k, v, mask)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=implementation == "cudnn",
-                                               implementation=implementation)
-        return checkpoint_name(self.o_proj(out), "out_proj"), cache
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+        return checkpoint_name(self.o_proj(out), "out_proj"), None
 
 
 class MLP(nnx.Module):
