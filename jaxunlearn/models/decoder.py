@@ -366,28 +366,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
     """Softmax attention of T queries over the keys of the same T slots (no cache: query t at slot t) under
     the boolean mask allowed [B, 1, T, T] (causality included), one block of `block` queries at a time over
     the keys up to that block's last slot only: the blocks above the diagonal, all masked, are never
-    computed (10 of 16 blocks of a 256-slot row). Queries, keys and values are transposed to the layout the
-    two products read before they are cut into blocks (sliced first, XLA copied the keys transposed for
-    every block: +10% CPU time when scoring 256-slot rows).
-    As jax.nn.dot_product_attention (XLA): scores and softmax in float32, the probabilities rounded to the
-    values' dtype for their product. q [B, T, H, D], k and v [B, T, KV, D] with H a multiple of KV (grouped
-    queries share their key/value head); returns [B, T, H, D]. `block` defaults to ATTENTION_BLOCK, read
+    computed (10 of 16 blocks of a 256-slot row). Keys and values are put in the slots-last layout of a KV
+    cache first and each block is `cached_attention` over the first slots (sliced before the transpose,
+    XLA copied the keys transposed for every block: +10% CPU time when scoring 256-slot rows).
+    q [B, T, H, D], k and v [B, T, KV, D]; returns [B, T, H, D]. `block` defaults to ATTENTION_BLOCK, read
     when traced."""
-    b, t, h, d = q.shape
-    kv, block = k.shape[2], block or ATTENTION_BLOCK
-    grouped = jnp.transpose(q.reshape(b, t, kv, h // kv, d), (0, 2, 3, 1, 4))  # [B, KV, G, T, D]
-    keys = jnp.transpose(k, (0, 2, 3, 1))  # [B, KV, D, T]
-    values = jnp.transpose(v, (0, 2, 1, 3))  # [B, KV, T, D]
-    masked = jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), jnp.float32)
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        scores = jnp.einsum("bkgtd,bkds->bkgts", grouped[:, :, :, start:end], keys[..., :end],
-                            preferred_element_type=jnp.float32) * (d ** -0.5)
-        probs = jax.nn.softmax(jnp.where(allowed[:, :, None, start:end, :end], scores, masked), axis=-1)
-        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), values[:, :, :end]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+    t, block = q.shape[1], block or ATTENTION_BLOCK
+    keys, values = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 3, 1))  # [B, KV, D, T]
+    outs = [cached_attention(q[:, start:start + block], keys[..., :start + block], values[..., :start + block],
+                             allowed[:, :, start:start + block, :start + block]) for start in range(0, t, block)]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
