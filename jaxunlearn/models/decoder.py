@@ -24,8 +24,7 @@ models/families.py): DecoderLayer and RMSNorm for "llama", ParallelDecoderLayer 
 Layers: every decoder-layer parameter is stored stacked, [num_layers, ...] with the leading logical axis
 "layers" (never sharded), e.g. params["layers"]["self_attn"]["q_proj"]["kernel"] is [L, E, H, D]. The
 layers run as one jax.lax.scan over that axis (ModelConfig.scan_layers; program size and compile time do
-not grow with depth) or as a Python loop over the same parameters ("auto", the default, scans except in a
-training step on one CPU device with at most 8 layers: `scans_layers`), each layer rematerialised with the
+not grow with depth) or as a Python loop over the same parameters, each layer rematerialised with the
 policy named by ModelConfig.remat. Attention is jax.nn.dot_product_attention (ModelConfig.attention:
 "xla" or "cudnn") with a boolean causal + padding (+ sliding-window) mask; grouped-query attention passes
 the fewer key/value heads as they are.
