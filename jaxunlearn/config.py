@@ -56,7 +56,9 @@ class ModelSpec:
     # dtype the frozen reference is held in on device during unlearning (None = as the parameters);
     # its hash is checked on the stored checkpoint first; extrapolation uses the stored reference
     reference_dtype: Optional[str] = None
-    scan_layers: bool = True  # run the decoder layers as one jax.lax.scan (False: a Python loop, same numbers)
+    # run the decoder layers as one jax.lax.scan (false: a Python loop, same numbers; "auto": a loop only in
+    # a training step on one CPU device with at most 8 layers, where it is faster)
+    scan_layers: Union[bool, str] = "auto"
     remat: str = "none"  # per-layer rematerialisation: none|full|dots|dots_with_no_batch_dims|save_qkv_proj|save_qkv_out_proj
     attention: str = "xla"  # jax.nn.dot_product_attention implementation: xla|cudnn (NVIDIA GPUs)
 
@@ -290,11 +292,13 @@ def _validate(cfg, where: str) -> None:
         raise ConfigError(f"{where}.model.reference_dtype: method.momentum blends the reference into the forget model "
                           f"at full precision; leave reference_dtype null or equal to param_dtype with momentum")
     if isinstance(cfg, ModelSpec):
-        from jaxunlearn.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+        from jaxunlearn.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SCAN_LAYERS
 
-        for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS)):
+        for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS),
+                            ("scan_layers", SCAN_LAYERS)):
             if getattr(cfg, name) not in known:
-                raise ConfigError(f"{where}.{name}: unknown {name} {getattr(cfg, name)!r} (one of {', '.join(known)})")
+                names = ", ".join(str(k).lower() for k in known)
+                raise ConfigError(f"{where}.{name}: unknown {name} {getattr(cfg, name)!r} (one of {names})")
     if isinstance(cfg, DataSpec):
         from jaxunlearn.data.benchmarks import BENCHMARKS
 

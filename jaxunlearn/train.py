@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 
 from jaxunlearn.errors import JaxunlearnError
 from jaxunlearn.interrupt import Interrupted, StopFlag, deferred_signals
+from jaxunlearn.models.decoder import training_trace
 from jaxunlearn.sharding import batch_sharding, replicated
 
 
@@ -102,7 +103,8 @@ def make_step_fn(objective, apply, optimizer: optax.GradientTransformation, sche
         lr = None if schedule is None else jnp.asarray(schedule(optimizer_step_count(opt_state)), jnp.float32)
 
         def loss_fn(p):
-            return objective(p, ref_params, batch, apply)
+            with training_trace():  # scan_layers="auto" may unroll the layers here (models.decoder.scans_layers)
+                return objective(p, ref_params, batch, apply)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         grad_norm = optax.tree.norm(grads)

@@ -378,6 +378,42 @@ def test_single_cpu_device_products_equal_plain_products(tokens, monkeypatch):
             np.testing.assert_allclose(x, y, rtol=tol, atol=atol)
 
 
+def test_scan_layers_auto_unrolls_only_one_cpu_device_training_steps(tokens, monkeypatch):
+    """scan_layers="auto" (the default) unrolls the layers only while a training step's loss is traced
+    (train.make_step_fn) on one CPU device with at most AUTO_UNROLL_MAX_LAYERS layers; forward passes,
+    meshes of several devices, deeper models and an explicit true keep the scan. A bad value is one line."""
+    import optax
+
+    from jaxunlearn.config import ConfigError, from_dict
+    from jaxunlearn.models import decoder
+    from jaxunlearn.train import make_step_fn
+
+    cfg = ModelConfig.preset("tiny-llama", vocab_size=VOCAB)
+    assert cfg.scan_layers == "auto" and from_dict({}).model.scan_layers == "auto"
+    params = split_params(nnx.eval_shape(lambda: init_model(cfg)))[1]
+    apply = make_apply(_graphdef(cfg))
+
+    def objective(p, ref, batch, apply):
+        return jnp.mean(apply(p, batch) ** 2), {}
+
+    for one_cpu in (False, True):
+        monkeypatch.setattr(decoder, "transposes_smaller_operand", lambda c=one_cpu: c)
+        step = make_step_fn(objective, apply, optax.sgd(0.1))  # a new function: JAX caches traces per function
+        assert decoder.scans_layers(cfg)
+        with decoder.training_trace():
+            assert decoder.scans_layers(cfg) is not one_cpu
+            assert decoder.scans_layers(cfg.replace(scan_layers=True))
+            assert decoder.scans_layers(cfg.replace(num_layers=decoder.AUTO_UNROLL_MAX_LAYERS + 1))
+        step_jaxpr = str(jax.make_jaxpr(step)(params, optax.sgd(0.1).init(params), tokens, params))
+        assert ("scan[" in step_jaxpr) is not one_cpu, one_cpu
+        assert "scan[" in str(jax.make_jaxpr(apply)(params, tokens))
+    with pytest.raises(ConfigError, match=r"model\.scan_layers: unknown scan_layers 'sometimes' \(one of true, false, "
+                                          r"auto\)$"):
+        from_dict({"model": {"scan_layers": "sometimes"}})
+    with pytest.raises(ModelConfigError, match="scan_layers 'sometimes' not supported"):
+        cfg.replace(scan_layers="sometimes")
+
+
 def test_single_cpu_device_transposed_operand_is_exact():
     """decoder._transposed (the weight gradient's transposed operand; an identity product for 16-bit
     dtypes) equals a.T bit for bit."""

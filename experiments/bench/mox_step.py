@@ -12,7 +12,8 @@ real, the reference frozen); AdamW lr 1e-5, weight decay 0.01 on matrices only.
 
 - jaxunlearn: the public API, as `jaxunlearn unlearn` builds it: `make_train_step(get_objective("mox"),
   with_loss_chunk(make_apply(graphdef, mesh), TrainSpec.loss_chunk), make_optimizer(...))` on a
-  one-device mesh, the library's default model settings (scan, remat, attention).
+  one-device mesh, the library's default model settings (remat, attention; `scan_layers` "auto", which
+  runs this step's 4 layers unrolled on one CPU device).
 - torch: `LlamaForCausalLM` with the same config and the same weights (`hf_state_dict`), the same loss
   written with torch ops, `torch.optim.AdamW` with the same hyper-parameters and decay mask.
   bf16: `torch.autocast("cpu", torch.bfloat16)` around both forwards (float32 master weights), which is

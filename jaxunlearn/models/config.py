@@ -37,6 +37,7 @@ ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_f
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj", "save_qkv_out_proj")
 # jax.nn.dot_product_attention implementations: "xla" runs everywhere; "cudnn" (flash attention) on NVIDIA GPUs
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+SCAN_LAYERS = (True, False, "auto")
 
 # Published shapes (the architecture keys of each model's Hugging Face config.json), for planning
 # memory and for random-init runs at full size: ModelConfig.preset("Llama-3.1-8B").
@@ -100,7 +101,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     # how the model runs (not part of the architecture, never written to config.json)
     remat: str = "none"  # one of REMAT_POLICIES (True/False are read as "full"/"none")
-    scan_layers: bool = True  # jax.lax.scan over the stacked layers (False: a Python loop, same numbers)
+    # jax.lax.scan over the stacked layers (False: a Python loop, same numbers; "auto": a loop only in a
+    # training step on one CPU device with at most 8 layers, see models.decoder.scans_layers)
+    scan_layers: bool | str = "auto"
     attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
@@ -126,6 +129,8 @@ class ModelConfig:
             raise ModelConfigError(f"hidden_act {self.hidden_act!r} not supported (one of {ACTIVATIONS})")
         if self.remat not in REMAT_POLICIES:
             raise ModelConfigError(f"remat {self.remat!r} not supported (one of {', '.join(REMAT_POLICIES)})")
+        if self.scan_layers not in SCAN_LAYERS:
+            raise ModelConfigError(f"scan_layers {self.scan_layers!r} not supported (true, false or 'auto')")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ModelConfigError(
                 f"attention {self.attention!r} not supported (one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")

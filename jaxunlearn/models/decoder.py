@@ -43,6 +43,8 @@ passes as params instead (built once, outside the loop; see make_decode).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Callable
@@ -183,8 +185,9 @@ class Dense(nnx.Module):
         self.kernel = _param(rng, (*in_shape, *out_shape), (*in_axes, *out_axes), param_dtype)
         self.bias = _param(rng, tuple(out_shape), tuple(out_axes), param_dtype, init="zeros") if bias else None
 
-    def __call__(self, x):
-        y = contract(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
+    def __call__(self, x, out_dtype=None):
+        """x . kernel (+ bias), in out_dtype (default the compute dtype)."""
+        y = contract(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in, out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -433,7 +436,10 @@ class MLP(nnx.Module):
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x):
-        return self.down_proj(constrain(activation(self.hidden_act)(self.gate_proj(x)) * self.up_proj(x), ACT_MLP))
+        # on one CPU device the activation reads the gate product's float32 accumulator: no 16-bit
+        # result rounded and converted back for it (converts were a third of the bf16 CPU step)
+        gate = activation(self.hidden_act)(self.gate_proj(x, jnp.float32 if transposes_smaller_operand() else None))
+        return self.down_proj(constrain(gate.astype(x.dtype) * self.up_proj(x), ACT_MLP))
 
 
 class PhiMLP(nnx.Module):
@@ -493,6 +499,33 @@ def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
 
     stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, stacked)
+
+
+# scan_layers="auto": layers unrolled in a traced training step on one CPU device up to this depth
+AUTO_UNROLL_MAX_LAYERS = 8
+_TRAINING = contextvars.ContextVar("jaxunlearn_training_trace", default=False)
+
+
+@contextlib.contextmanager
+def training_trace():
+    """Marks the model calls traced inside as those of a training step's differentiated loss (what
+    scan_layers="auto" looks at; `train.make_step_fn` sets it around the objective)."""
+    token = _TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
+def scans_layers(cfg: ModelConfig) -> bool:
+    """Whether the layers run as a jax.lax.scan: cfg.scan_layers, where "auto" scans except in a
+    training step (`training_trace`) on one CPU device with at most AUTO_UNROLL_MAX_LAYERS layers.
+    There the scan's stacked per-layer residuals (zero-initialised [L, ...] buffers, their updates
+    and copies) cost 12% of the MOX step's CPU time; a forward-only pass (evaluation) keeps the
+    scan, which compiles faster and runs as fast."""
+    if cfg.scan_layers != "auto":
+        return bool(cfg.scan_layers)
+    return not (_TRAINING.get() and transposes_smaller_operand() and cfg.num_layers <= AUTO_UNROLL_MAX_LAYERS)
 
 
 def remat_policy(name: str):
@@ -567,8 +600,8 @@ class CausalLM(nnx.Module):
         """Embedding and the first `num_layers` (default: all) decoder layers, no final norm;
         returns (residual stream [B, T, D], new cache or None).
 
-        The layers run as a jax.lax.scan over the stacked layer parameters (`config.scan_layers`), or as a
-        Python loop over the same parameters; each layer under jax.checkpoint with `config.remat`'s policy
+        The layers run as a jax.lax.scan over the stacked layer parameters, or as a Python loop over the
+        same parameters (`scans_layers`: config.scan_layers, "auto" by default); each layer under jax.checkpoint with `config.remat`'s policy
         when there is no cache. With a cache (decoding: {"key", "value"}, lists of per-layer
         [B, kv_heads, head_dim, S] arrays) the layers run unrolled, each updating its own buffers in place;
         `layer_states` (decoding only) gives each layer's parameters already sliced out of the stack
@@ -609,9 +642,10 @@ class CausalLM(nnx.Module):
                 new_cache["key"].append(layer_cache["key"])
                 new_cache["value"].append(layer_cache["value"])
             return x, new_cache
+        scan = scans_layers(cfg)
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not scan)
+        if scan:
             return jax.lax.scan(lambda x, layer_xs: (body(x, layer_xs)[0], None), x, xs)[0], None
         for i in range(n):
             x, _ = body(x, jax.tree.map(lambda a: a[i], xs))

