@@ -601,8 +601,8 @@ class CausalLM(nnx.Module):
         returns (residual stream [B, T, D], new cache or None).
 
         The layers run as a jax.lax.scan over the stacked layer parameters, or as a Python loop over the
-        same parameters (`scans_layers`: config.scan_layers, "auto" by default); each layer under jax.checkpoint with `config.remat`'s policy
-        when there is no cache. With a cache (decoding: {"key", "value"}, lists of per-layer
+        same parameters (`scans_layers`: config.scan_layers, "auto" by default); each layer under
+        jax.checkpoint with `config.remat`'s policy when there is no cache. With a cache (decoding: {"key", "value"}, lists of per-layer
         [B, kv_heads, head_dim, S] arrays) the layers run unrolled, each updating its own buffers in place;
         `layer_states` (decoding only) gives each layer's parameters already sliced out of the stack
         (`slice_layers`), so that a decoding loop does not copy them out at every step."""
