@@ -282,6 +282,17 @@ def follow_up_checks(cfg: ModelConfig, st: dict, rng: np.random.Generator) -> di
     return out
 
 
+def set_attention_block(block: int | None) -> None:
+    """--attention-block: the block size of the xla attention, or (0) jax.nn.dot_product_attention whole."""
+    from jaxunlearn.models import decoder
+
+    if block == 0:
+        decoder.causal_attention = lambda q, k, v, allowed, block=None: jax.nn.dot_product_attention(
+            q, k, v, mask=allowed, implementation="xla")
+    elif block is not None:
+        decoder.ATTENTION_BLOCK = block
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model only (CPU smoke test)")
@@ -295,12 +306,17 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
                     help="jax.nn.dot_product_attention implementation (cudnn: NVIDIA GPUs only)")
     ap.add_argument("--remat", default=None, help="rematerialisation policy (default: full; none for --tiny)")
+    ap.add_argument("--attention-block", type=int, default=None,
+                    help="queries per block of the xla attention (models.decoder.causal_attention; default the "
+                         "library's); 0: one jax.nn.dot_product_attention over all queries (the code before it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.tiny:
         args.shapes, args.seq, args.steps = ["tiny"], min(args.seq, 64), min(args.steps, 5)
+    set_attention_block(args.attention_block)
     report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                     "devices": jax.device_count(), "jax": jax.__version__, "attention": args.attention,
+                    "attention_block": args.attention_block,
                     "mox_step": {}}
     rng = np.random.default_rng(0)
     for i, shape in enumerate(args.shapes):
