@@ -351,7 +351,32 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "neither a run directory" in capsys.readouterr().err
 
 
-def test_real_model_batched_equals_unbatched(ev, bench):
+@pytest.fixture(scope="module")
+def wide_ev(ev):
+    """ev with rows wide enough for a question and two or more of its answers (shared contexts)."""
+    return dataclasses.replace(ev, buckets=(128,), _fns={})
+
+
+def _shared_question_pairs(bench):
+    return [(r["question"], a) for r in bench.retain_perturbed[:3]
+            for a in [r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]]
+
+
+def test_shared_contexts_eight_devices_equal_one(wide_ev, model, tok, bench):
+    """Rows with shared questions ([B, T, T] visibility masks) split over a data x fsdp mesh score the same."""
+    graphdef, params = split_params(model)
+    ev8 = Evaluator.create(graphdef, params, model.config, tok, prompt_format_for(tok, "qa"),
+                           mesh=make_mesh(data=4, fsdp=2), batch_size=8, buckets=(128,), max_len=64)
+    from jaxunlearn.evals.scoring import plan_rows
+
+    pairs = _shared_question_pairs(bench)
+    assert any(p.context for row in plan_rows([ev8.encode_qa(q, a) for q, a in pairs], 128) for p in row)
+    for a, b in zip(wide_ev.score_qa(pairs), ev8.score_qa(pairs)):
+        np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a.match, b.match)
+
+
+def test_real_model_batched_equals_unbatched(ev, wide_ev, bench):
     """jaxunlearn.models scoring: batch of 8 (with fill rows) == one example at a time, and the packed rows
     (several examples per row, each attending only to itself and to the question it shares with others: a
     retain row's perturbed answers) == each example alone in a padded row."""
@@ -364,9 +389,8 @@ def test_real_model_batched_equals_unbatched(ev, bench):
     batched = ev.score_qa(pairs)
     single = dataclasses.replace(ev, batch_size=1, _fns={}).score_qa(pairs)
     examples = [ev.encode_qa(q, a) for q, a in pairs]
-    wide = dataclasses.replace(ev, buckets=(128,), _fns={})  # rows wide enough for a question and 2+ answers
     assert any(p.context for row in plan_rows(examples, 128) for p in row)
-    shared = wide.score_qa(pairs)
+    shared = wide_ev.score_qa(pairs)
     width = BUCKETS[0]
     ids = np.full((len(examples), width), ev.pad_id, np.int32)
     mask = np.zeros_like(ids)
