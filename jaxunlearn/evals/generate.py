@@ -1,8 +1,8 @@
 """Jitted greedy generation with a KV cache.
 
 Shapes are static: a batch of prompts left-padded to a width P (every batch of one call to the same P:
-the longest prompt rounded up to a multiple of 16), and max_new_tokens N, so the cache holds P + N slots and one compiled function serves
-every batch of that bucket.
+the longest prompt rounded up to a multiple of 16), and max_new_tokens N, so the cache holds P + N slots
+and one compiled function serves every batch of that width.
 The prefill writes the P prompt slots in one call; a `lax.while_loop` then feeds back one
 token per step (slot P + i), until N tokens are out or every row has produced EOS. Rows that
 finished emit `pad_id` (as `transformers` greedy `generate` does). Stop strings are applied

@@ -590,9 +590,10 @@ class CausalLM(nnx.Module):
         x, _ = self.forward_hidden(input_ids, positions, slots, attention_mask, num_layers=num_layers)
         return x if num_layers is not None else self.norm(x)
 
-    def forward(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None):
-        """Shared body of full forward and cached decoding; returns (logits, new cache or None)."""
-        x, new_cache = self.forward_hidden(input_ids, positions, query_slots, kv_mask, cache, cache_index)
+    def forward(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None, layer_states=None):
+        """Logits of `forward_hidden` (cached decoding: `make_decode`); returns (logits, new cache or None)."""
+        x, new_cache = self.forward_hidden(input_ids, positions, query_slots, kv_mask, cache, cache_index,
+                                           layer_states=layer_states)
         return self.logits_from_hidden(self.norm(x)), new_cache
 
     def forward_hidden(self, input_ids, positions, query_slots, kv_mask, cache=None, cache_index=None,
@@ -602,8 +603,9 @@ class CausalLM(nnx.Module):
 
         The layers run as a jax.lax.scan over the stacked layer parameters, or as a Python loop over the
         same parameters (`scans_layers`: config.scan_layers, "auto" by default); each layer under
-        jax.checkpoint with `config.remat`'s policy when there is no cache. With a cache (decoding: {"key", "value"}, lists of per-layer
-        [B, kv_heads, head_dim, S] arrays) the layers run unrolled, each updating its own buffers in place;
+        jax.checkpoint with `config.remat`'s policy when there is no cache. With a cache (decoding:
+        {"key", "value"}, lists of per-layer [B, kv_heads, head_dim, S] arrays) the layers run unrolled,
+        each updating its own buffers in place;
         `layer_states` (decoding only) gives each layer's parameters already sliced out of the stack
         (`slice_layers`), so that a decoding loop does not copy them out at every step."""
         cfg = self.config
@@ -818,9 +820,7 @@ def make_decode(graphdef, mesh=None) -> Callable:
         model = nnx.merge(graphdef, params)
         slots = cache_index + jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
         with mesh_context(mesh):
-            x, cache = model.forward_hidden(input_ids, positions, slots, kv_mask, cache, cache_index,
-                                            layer_states=layer_states)
-            return model.logits_from_hidden(model.norm(x)), cache
+            return model.forward(input_ids, positions, slots, kv_mask, cache, cache_index, layer_states)
 
     def prepare(params):
         return (params, slice_layers(params)) if jax.default_backend() == "cpu" else params
