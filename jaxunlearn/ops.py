@@ -15,14 +15,19 @@ import jax.numpy as jnp
 IGNORE = -100
 
 
+def next_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(targets labels[:, 1:] with IGNORE replaced by 0, float mask of scored targets): what positions
+    0..T-2 predict."""
+    targets = labels[:, 1:]
+    return jnp.where(targets == IGNORE, 0, targets), (targets != IGNORE).astype(jnp.float32)
+
+
 def shift_labels(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Align next-token logits with their targets.
 
     Returns (logits[:, :-1], targets[:, 1:] with IGNORE replaced by 0, float mask of scored targets).
     """
-    targets = labels[:, 1:]
-    mask = (targets != IGNORE).astype(jnp.float32)
-    return logits[:, :-1], jnp.where(targets == IGNORE, 0, targets), mask
+    return (logits[:, :-1], *next_targets(labels))
 
 
 def token_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

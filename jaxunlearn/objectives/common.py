@@ -106,8 +106,7 @@ def _per_token_full(apply, params, data, fn: TokenFn, ref_params) -> jax.Array:
         return apply(p, ids, mask)[:, :-1].astype(jnp.float32)
 
     ref_logits = None if ref_params is None else jax.lax.stop_gradient(logits_of(ref_params))
-    targets = data["labels"][:, 1:]
-    return fn(logits_of(params), ref_logits, jnp.where(targets == ops.IGNORE, 0, targets), label_mask(data))
+    return fn(logits_of(params), ref_logits, *ops.next_targets(data["labels"]))
 
 
 def _chunked_values(head, params, ref_params, h, ref_h, labels, fn: TokenFn, size: int) -> jax.Array:
@@ -188,7 +187,7 @@ def kl_to_model(logits: jax.Array, ref_logits: jax.Array, targets, mask) -> jax.
 
 def label_mask(data) -> jax.Array:
     """[B, T-1] float mask of scored next-token targets."""
-    return (data["labels"][:, 1:] != ops.IGNORE).astype(jnp.float32)
+    return ops.next_targets(data["labels"])[1]
 
 
 def next_real_mask(data) -> jax.Array:
