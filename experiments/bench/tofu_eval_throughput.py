@@ -15,7 +15,7 @@ The contenders alternate in one run, --rounds times (default 3); each round runs
   warm          a second fresh JAX process on that now-filled cache: the evaluation with every program
                 loaded from the cache (tracing and lowering still counted), then again (compiled)
   compiled      the faster of the two processes' second evaluations
-The metric code both sides share (rouge_score) is loaded before anything is timed.
+The metric code both sides share (rouge_score) is loaded, as a new scorer, before each timed evaluation.
 Each JAX process reports how many programs it built and how many came from the cache. Prints every
 round's times and speed-ups, the median of each time and the median of each per-round speed-up, the
 fastest round of each contender and the speed-ups between those,
