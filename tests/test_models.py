@@ -430,3 +430,24 @@ def test_single_cpu_device_transposed_operand_is_exact():
 def _loss(apply, params, tokens):
     logits = apply(params, tokens)
     return jax.nn.logsumexp(logits, -1).mean() - logits[..., 0].mean()
+
+
+def test_attention_in_query_blocks_equals_one_block(built, tokens, monkeypatch):
+    """causal_attention in blocks of 4 queries (T = 12: three blocks, keys up to each block) gives the logits
+    and the parameter gradients of one block over all queries (GQA + sliding window, and Phi)."""
+    from jaxunlearn.models import decoder
+
+    cfg, params, _, _ = built
+    mask, _ = right_padded_mask()
+    graphdef = _graphdef(cfg)
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(make_apply(graphdef)(p, tokens, mask)) * mask[..., None])
+
+    out = {}
+    for block in (4, T):
+        monkeypatch.setattr(decoder, "ATTENTION_BLOCK", block)
+        out[block] = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(out[4][0], out[T][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[4][1]), jax.tree.leaves(out[T][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
