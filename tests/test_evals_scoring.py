@@ -13,7 +13,7 @@ import pytest
 
 from jaxunlearn.evals import generate as G
 from jaxunlearn.evals import scoring as S
-from jaxunlearn.ops import IGNORE
+from jaxunlearn.ops import IGNORE, first_argmax
 
 V, D, MAXPOS = 37, 16, 64
 PAD, EOS = 0, 1
@@ -232,8 +232,9 @@ def test_generation_matches_naive_greedy(params, prompts):
     assert any(len(g) < N_NEW for g in got)
 
 
-def test_greedy_token_is_argmax_with_ties_and_nans():
-    """greedy_token (a max and a min) answers as jnp.argmax: first of tied maxima, first NaN, -inf rows."""
+def test_first_argmax_is_argmax_with_ties_and_nans():
+    """ops.first_argmax (a max and a min; generation's greedy token, scoring's match) answers as jnp.argmax:
+    first of tied maxima, first NaN, -inf rows."""
     rng = np.random.default_rng(0)
     rows = rng.integers(-3, 4, (6, 9)).astype(np.float32)  # small integers: many ties
     rows[1, [2, 5]] = np.nan
@@ -241,7 +242,7 @@ def test_greedy_token_is_argmax_with_ties_and_nans():
     rows[3, 4] = np.inf
     rows[4, 0] = -0.0
     rows[4, 1:] = 0.0
-    got = np.asarray(jax.jit(G.greedy_token)(jnp.asarray(rows)))
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(rows)))
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(rows), axis=-1)))
     assert got.dtype == np.int32
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.ops import IGNORE
+from jaxunlearn.ops import IGNORE, first_argmax
 
 BATCH_KEYS = ("input_ids", "segments", "contexts", "positions", "score_index", "score_target", "score_count")
 SCORE_CHUNK = 32  # scored positions per row that one pass of the head and the vocabulary statistics covers
@@ -80,7 +80,7 @@ def vocab_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.A
     logp = picked - log_total
     mu = mean_d - log_total
     sigma = jnp.sqrt(jnp.maximum(mean_d2 - jnp.square(mean_d), 1e-12))
-    match = (jnp.argmax(x, axis=-1) == targets).astype(jnp.float32)
+    match = (first_argmax(x, top) == targets).astype(jnp.float32)
     return logp, (logp - mu) / sigma, match
 
 
