@@ -20,7 +20,7 @@ real, the reference frozen); AdamW lr 1e-5, weight decay 0.01 on matrices only.
   what jaxunlearn's bfloat16 compute dtype with float32 parameters does.
 
 Both run in this one process, alternating: each round times `--steps` steps of one then the other (after
-warm-up/compilation), `--rounds` rounds. Both use the 2 cores (torch.set_num_threads, XLA's default
+warm-up/compilation), `--rounds` rounds. Both use every core the process may use (torch.set_num_threads, XLA's default
 intra-op pool). Printed: the first-step loss of both (and their difference: same weights and batch, so it
 must be tiny in fp32), tokens/s per round (forget + retain tokens, padding included, as both compute
 them), the median ratio jaxunlearn/torch (also by CPU time per step), the load average and the command line.
@@ -165,25 +165,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternations (each times both sides)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side per round")
     parser.add_argument("--threads", type=int, default=0,
-                        help="threads for both (default: every core); 1 = single-threaded XLA and torch, whose "
-                             "CPU time per step is a fair measure even on a busy machine")
+                        help="cores for both (default: every core): the process is pinned to the first N cores, "
+                             "which sizes XLA's and torch's thread pools; 1 = single-threaded, whose CPU time per "
+                             "step is a fair measure even on a busy machine")
     parser.add_argument("--only", choices=("both", "jax", "torch"), default="both",
                         help="time one side only (profiling); the ratio needs both")
     args = parser.parse_args()
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         print("note: XLA_FLAGS forces several host devices; the benchmark uses one", file=sys.stderr)
 
-    if args.threads:  # before JAX starts its CPU backend
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                                   f"{'false' if args.threads == 1 else 'true'} "
-                                   f"intra_op_parallelism_threads={args.threads}").strip()
+    if args.threads:  # before JAX starts its CPU backend, which sizes its thread pool to the usable cores
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     import jax
     import torch
 
     from jaxunlearn.models import ModelConfig, init_model
     from jaxunlearn.models.hf import hf_state_dict
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     if args.dtype == "bf16" and not ("avx512_bf16" in open("/proc/cpuinfo").read() or
                                      "amx_bf16" in open("/proc/cpuinfo").read()):
         print("note: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16); bf16 will be emulated",
@@ -247,7 +246,7 @@ def main() -> None:
               f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); by CPU time per step: median "
               f"{statistics.median(cpu_ratios):.2f}")
     print(f"dtype {args.dtype}; {tokens} tokens/step; jax {jax.__version__}, torch {torch.__version__}, "
-          f"threads torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
+          f"threads torch {torch.get_num_threads()}, cores used {len(os.sched_getaffinity(0))} of {os.cpu_count()}")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable.rsplit('/', 1)[-1], *sys.argv]))
 
