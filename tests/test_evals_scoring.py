@@ -245,6 +245,8 @@ def test_first_argmax_is_argmax_with_ties_and_nans():
     got = np.asarray(jax.jit(first_argmax)(jnp.asarray(rows)))
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(rows), axis=-1)))
     assert got.dtype == np.int32
+    given = jax.jit(lambda x: first_argmax(x, jnp.max(x, axis=-1, keepdims=True)))(jnp.asarray(rows))
+    np.testing.assert_array_equal(np.asarray(given), got)  # the caller's max (scoring's vocab_stats) as well
 
 
 def test_trim_and_stop_strings():

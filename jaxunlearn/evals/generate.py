@@ -26,8 +26,8 @@ import numpy as np
 from jax import lax
 
 from jaxunlearn.evals.metrics import cut_at
-from jaxunlearn.ops import first_argmax
 from jaxunlearn.evals.scoring import batch_order, fetch, fill_rows, place_batch
+from jaxunlearn.ops import first_argmax
 
 PROMPT_WIDTH_STEP = 16  # generation prompts are left-padded to a multiple of this (see generate_tokens)
 
