@@ -238,14 +238,11 @@ def load_hf(folder, dtype="float32", param_dtype="float32", config: ModelConfig 
         else:
             host[path][layer] = value
     values = {}
-    for path, value in host.items():
-        if shardings is None:
-            values[path] = jax.device_put(value)  # (jnp.asarray compiled a program per weight shape: ~0.3 s)
-        else:
-            sharding = _at(shardings, path)
-            if isinstance(sharding, nnx.Variable):
-                sharding = sharding.get_value()
-            values[path] = jax.device_put(value, sharding)
+    for path, value in host.items():  # device_put: jnp.asarray compiled a program per weight shape
+        sharding = None if shardings is None else _at(shardings, path)
+        if isinstance(sharding, nnx.Variable):
+            sharding = sharding.get_value()
+        values[path] = jax.device_put(value, sharding)
     if tied_head:
         _check_tied(files, values[("embed_tokens", "embedding")], target)
     for path, value in values.items():
